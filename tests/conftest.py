@@ -1,0 +1,100 @@
+"""Tiny randomly initialised backbones, built offline inside the tests, saved where the real
+loading code (from_pretrained on a local directory, open_clip by name + checkpoint file) reads them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "what is the color of the shape? red blue green yellow teal brown gray black",
+    "what shape is in the image? circle rectangle triangle yes no",
+    "the capital of france is paris. answer the question using a single word or phrase.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=CHATML)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id))
+    path = tmp_path_factory.mktemp("tiny_lm")
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=32, patch_size=8))
+    path = tmp_path_factory.mktemp("tiny_clip")
+    tower.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """A registered tiny open_clip model name and a safetensors checkpoint of its weights."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("tiny_open_clip")
+    name = "vlm-test-tiny-vit"
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
+              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    (path / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)
+    checkpoint = path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
+    return name, str(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny_lm_dir, tiny_clip_dir):
+    from vlm.config import LMConfig, ModelConfig, ProjectorConfig, VisionConfig
+
+    return ModelConfig(vision=VisionConfig(backend="hf", name=str(tiny_clip_dir)),
+                       projector=ProjectorConfig(type="mlp2x_gelu"),
+                       lm=LMConfig(name=str(tiny_lm_dir)))
+
+
+@pytest.fixture
+def tiny_model(tiny_model_config):
+    from vlm.model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    return VisionLanguageModel.from_config(tiny_model_config)
+
+
+@pytest.fixture(scope="session")
+def images():
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray(torch.randint(0, 255, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(4)]

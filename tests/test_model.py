@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from vlm.config import ConfigError, LMConfig, ModelConfig, VisionConfig
+from vlm.model import VisionLanguageModel
+from vlm.processor import IGNORE_INDEX
+
+QA = [
+    [{"role": "user", "content": "<image>\nwhat shape is in the image?"}, {"role": "assistant", "content": "circle"}],
+    [{"role": "user", "content": "<image>\nwhat is the color of the shape?"}, {"role": "assistant", "content": "red"},
+     {"role": "user", "content": "is it a triangle?"}, {"role": "assistant", "content": "no"}],
+]
+
+
+def training_batch(model, images, conversations=QA):
+    batch = model.processor.pad([model.processor.encode(c) for c in conversations])
+    batch["pixel_values"] = model.processor.image_transform(images[: len(conversations)])
+    return batch
+
+
+def test_only_the_projector_gets_gradients(tiny_model, images):
+    tiny_model.train()
+    out = tiny_model(**training_batch(tiny_model, images))
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.projector.parameters())
+    frozen = list(tiny_model.vision.parameters()) + list(tiny_model.lm.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    assert not tiny_model.vision.tower.training and not tiny_model.lm.training
+
+
+def test_splice_puts_each_image_feature_at_its_placeholder(tiny_model, images):
+    batch = training_batch(tiny_model, images)
+    image_embeds = tiny_model.image_embeddings(batch["pixel_values"])
+    spliced = tiny_model.embed(batch["input_ids"], image_embeds)
+
+    reference = tiny_model.lm.get_input_embeddings()(batch["input_ids"].clamp(max=tiny_model.lm.config.vocab_size - 1))
+    reference = reference.clone()
+    for row in range(batch["input_ids"].shape[0]):
+        positions = (batch["input_ids"][row] == tiny_model.processor.image_token_id).nonzero().flatten()
+        for k, pos in enumerate(positions):
+            reference[row, pos] = image_embeds[row, k]
+    assert torch.equal(spliced, reference)
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, images):
+    batch = training_batch(tiny_model, images)
+    with pytest.raises(ValueError, match="image placeholder tokens"):
+        tiny_model.embed(batch["input_ids"], tiny_model.image_embeddings(batch["pixel_values"][:1]))
+
+
+def test_labels_cover_only_assistant_tokens(tiny_model):
+    encoded = tiny_model.processor.encode(QA[1])
+    tok = tiny_model.tokenizer
+    supervised = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(encoded.input_ids, encoded.labels))
+    assert tok.decode(supervised) == "red<|im_end|>\nno<|im_end|>\n"
+    assert encoded.input_ids.count(tiny_model.processor.image_token_id) == tiny_model.projector.num_tokens
+
+
+def test_truncation_never_cuts_image_tokens(tiny_model):
+    n = tiny_model.projector.num_tokens
+    with pytest.raises(ValueError, match="max_length"):
+        tiny_model.processor.encode(QA[0], max_length=n)
+    full = tiny_model.processor.encode(QA[0])
+    cut = tiny_model.processor.encode(QA[0], max_length=len(full.input_ids) - 2)
+    assert cut.input_ids == full.input_ids[:-2] and cut.labels == full.labels[:-2]
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_model, tiny_model_config, images, tmp_path):
+    with torch.no_grad():
+        tiny_model.projector.proj[0].weight.normal_()  # differ from a fresh init
+    batch = training_batch(tiny_model, images)
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(tiny_model(**batch).logits, loaded(**batch).logits)
+    saved_files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert saved_files == ["projector.safetensors", "vlm_config.json"]
+
+
+def test_loading_onto_other_backbones_names_both(tiny_model, tiny_model_config, tmp_path, tiny_open_clip):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    name, weights = tiny_open_clip
+    other = ModelConfig(vision=VisionConfig(backend="open_clip", name=name, pretrained=weights),
+                        lm=LMConfig(name="some/other-lm"))
+    with pytest.raises(ConfigError) as err:
+        VisionLanguageModel.from_pretrained(tmp_path / "ckpt", other)
+    assert tiny_model_config.vision.name in str(err.value) and name in str(err.value)
+    assert "some/other-lm" in str(err.value) and tiny_model_config.lm.name in str(err.value)
+
+
+def test_batched_greedy_generation_equals_one_by_one(tiny_model, images):
+    with torch.no_grad():
+        tiny_model.projector.proj[2].weight.mul_(20)  # make the image matter to the output
+    questions = [[{"role": "user", "content": q}] for q in ["what shape?", "what is the color of the shape?", "yes", "no?"]]
+    present = [images[0], None, images[2], images[3]]
+    batched = tiny_model.chat(present, questions, max_new_tokens=8)
+    single = [tiny_model.chat([im], [q], max_new_tokens=8)[0] for im, q in zip(present, questions)]
+    assert batched == single
+    assert len(set(batched)) > 1
+
+
+def test_stream_chat_yields_the_same_text_as_chat(tiny_model, images):
+    question = [{"role": "user", "content": "what shape?"}]
+    streamed = "".join(tiny_model.stream_chat(images[0], question, max_new_tokens=8))
+    assert streamed.strip() == tiny_model.chat([images[0]], [question], max_new_tokens=8)[0]

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from vlm.config import ConfigError, VisionConfig
+from vlm.vision import build_vision_encoder
+
+
+def test_hf_clip_features_come_from_the_chosen_layer_without_cls(tiny_clip_dir, images):
+    encoder = build_vision_encoder(VisionConfig(backend="hf", name=str(tiny_clip_dir), feature_layer=-2))
+    pixels = encoder.preprocess(images[:2])
+    features = encoder(pixels)
+    hidden = encoder.tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert features.shape == (2, 16, 24)  # 32 px / 8 px patches = 4x4, CLS dropped
+    assert torch.equal(features, hidden[-2][:, 1:])
+    with_cls = build_vision_encoder(VisionConfig(backend="hf", name=str(tiny_clip_dir), drop_cls=False))
+    assert with_cls.num_patches == 17
+
+
+def test_open_clip_loads_local_checkpoint_and_selects_block(tiny_open_clip, images):
+    import open_clip
+
+    name, weights = tiny_open_clip
+    encoder = build_vision_encoder(VisionConfig(backend="open_clip", name=name, pretrained=weights, feature_layer=-1))
+    reference = open_clip.create_model(name, pretrained=weights).visual.eval()
+    pixels = encoder.preprocess(images[:2])
+    features = encoder(pixels)
+    # Reference: run the tower's blocks by hand; the last block's output, before ln_post, CLS dropped.
+    with torch.no_grad():
+        x = reference.conv1(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([reference.class_embedding.expand(2, 1, -1), x], dim=1) + reference.positional_embedding
+        x = reference.transformer(reference.ln_pre(x))
+    assert features.shape == (2, 16, 32)
+    torch.testing.assert_close(features, x[:, 1:])
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("layer", [-4, 4])
+def test_open_clip_layer_out_of_range_is_a_config_error(tiny_open_clip, layer):
+    name, weights = tiny_open_clip
+    with pytest.raises(ConfigError, match="feature_layer"):
+        build_vision_encoder(VisionConfig(backend="open_clip", name=name, pretrained=weights, feature_layer=layer))
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(ConfigError, match="open_clip"):
+        build_vision_encoder(VisionConfig(backend="timm"))
+
+
+def test_encoder_stays_frozen_in_train_mode(tiny_clip_dir):
+    encoder = build_vision_encoder(VisionConfig(backend="hf", name=str(tiny_clip_dir)))
+    encoder.train()
+    assert not encoder.training and not encoder.tower.training

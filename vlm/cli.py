@@ -1,0 +1,135 @@
+"""The `vlm` command: train / eval / demo / chat / export.
+
+Every user error (bad path, unknown preset, wrong config value, unreadable image) ends as one
+line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vlm.config import ConfigError
+from vlm.images import ImageError
+from vlm.processor import PromptError
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+USER_ERRORS = (ConfigError, ImageError, PromptError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a projector (stage 1 align, stage 2 instruct)")
+    train.add_argument("--config", default="offline", help="preset name or YAML path (default: offline)")
+    train.add_argument("--stage", choices=["align", "instruct", "both"], help="overrides train.stage")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.seed=1")
+
+    chat = commands.add_parser("chat", help="answer one question about one image, streamed")
+    chat.add_argument("--image", default=str(EXAMPLES_DIR / "shape_0.png"), help="image file (default: a bundled example)")
+    chat.add_argument("--question", required=True)
+    _add_model_args(chat)
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=0.9)
+
+    evaluate = commands.add_parser("eval", help="score a checkpoint on a VQA benchmark subset")
+    evaluate.add_argument("--checkpoint", help="checkpoint folder written by `vlm train`")
+    evaluate.add_argument("--benchmark", default="easy_vqa")
+    evaluate.add_argument("--limit", type=int, default=1000, help="questions in the fixed-seed subset (0 = all)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--output", help="results folder (default: <checkpoint>/eval)")
+    evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results JSON files side by side")
+
+    demo = commands.add_parser("demo", help="chat with a checkpoint in a Gradio app")
+    _add_model_args(demo)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--share", action="store_true")
+
+    export = commands.add_parser("export", help="write a transformers LlavaForConditionalGeneration folder")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True)
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except USER_ERRORS as e:
+        print(f"vlm {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="checkpoint folder written by `vlm train` (default: the offline run's, if trained)")
+    parser.add_argument("--config", help="preset name or YAML path, for a model without a checkpoint")
+
+
+def _run(args) -> int:
+    if args.command == "chat":
+        return _chat(args)
+    if args.command == "train":
+        from train.trainer import run_training
+
+        return run_training(args.config, args.overrides, stage=args.stage, resume=args.resume)
+    if args.command == "eval":
+        from vlm.evaluate import run_eval
+
+        return run_eval(args)
+    if args.command == "demo":
+        from demo.app import launch
+
+        return launch(args)
+    from vlm.export import export_llava
+
+    export_llava(args.checkpoint, args.out)
+    return 0
+
+
+def load_model(checkpoint: str | None, config: str | None, *, announce=print):
+    """The model to chat with: a checkpoint, else the trained offline default, else an untrained preset."""
+    from vlm.config import load_config
+    from vlm.model import VisionLanguageModel
+
+    requested = load_config(config).model if config else None
+    if checkpoint is None and config is None and default_checkpoint().is_dir():
+        checkpoint = str(default_checkpoint())
+    if checkpoint:
+        if not Path(checkpoint).is_dir():
+            raise ConfigError(f"checkpoint folder {checkpoint} does not exist")
+        announce(f"loading checkpoint {checkpoint}")
+        return VisionLanguageModel.from_pretrained(checkpoint, requested)
+    announce(
+        "no trained checkpoint: the projector is untrained, so answers ignore the image. "
+        "Train one with `vlm train --config offline` (or pass --checkpoint DIR)."
+    )
+    return VisionLanguageModel.from_config(requested or load_config("offline").model)
+
+
+def default_checkpoint() -> Path:
+    from vlm.config import load_config
+
+    return Path(load_config("offline").train.output_dir) / "final"
+
+
+def _chat(args) -> int:
+    from vlm.images import load_image
+
+    image = load_image(args.image)
+    model = load_model(args.checkpoint, args.config, announce=lambda m: print(m, file=sys.stderr))
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
+    for piece in model.stream_chat(image, [{"role": "user", "content": args.question}],
+                                   max_new_tokens=args.max_new_tokens, **sampling):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

