@@ -21,11 +21,20 @@ def training_batch(model, images, conversations=QA):
 def test_only_the_projector_gets_gradients(tiny_model, images):
     tiny_model.train()
     out = tiny_model(**training_batch(tiny_model, images))
-    out.loss.backward()
+    out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.projector.parameters())
     frozen = list(tiny_model.vision.parameters()) + list(tiny_model.lm.parameters())
     assert all(not p.requires_grad and p.grad is None for p in frozen)
     assert not tiny_model.vision.tower.training and not tiny_model.lm.training
+
+
+def test_loss_on_supervised_positions_equals_the_lms_own_loss(tiny_model, images):
+    batch = training_batch(tiny_model, images)
+    ours = tiny_model(**batch)
+    embeds = tiny_model.embed(batch["input_ids"], tiny_model.image_embeddings(batch["pixel_values"]))
+    reference = tiny_model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    torch.testing.assert_close(ours["loss"], reference.loss)
+    assert ours["num_tokens"] == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def test_splice_puts_each_image_feature_at_its_placeholder(tiny_model, images):
@@ -70,6 +79,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny_model, tiny_model_conf
     with torch.no_grad():
         tiny_model.projector.proj[0].weight.normal_()  # differ from a fresh init
     batch = training_batch(tiny_model, images)
+    batch.pop("labels")
     tiny_model.save_pretrained(tmp_path / "ckpt")
     loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
     with torch.no_grad():

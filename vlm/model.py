@@ -13,11 +13,12 @@ from typing import Iterator
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.config import ConfigError, ModelConfig, from_dict, to_dict
 from vlm.language_model import load_language_model
-from vlm.processor import VLMProcessor, with_image_placeholder
+from vlm.processor import IGNORE_INDEX, VLMProcessor, with_image_placeholder
 from vlm.projector import Projector
 from vlm.vision import VisionEncoder, build_vision_encoder
 
@@ -78,10 +79,23 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None):
+        """Without labels: the LM's output with logits everywhere. With labels: {"loss", "num_tokens"}.
+
+        The loss applies the LM head only where a label is supervised. Image and prompt tokens,
+        most of a VQA sequence, never meet the vocabulary-sized matrix: the LM head of a small LM
+        is a fifth of its FLOPs, and full-sequence fp32 logits dominate activation memory.
+        """
         has_images = pixel_values is not None or image_features is not None
         image_embeds = self.image_embeddings(pixel_values, image_features) if has_images else None
         embeds = self.embed(input_ids, image_embeds)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if labels is None:
+            return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][supervised]).float()
+        loss = F.cross_entropy(logits, targets[supervised])
+        return {"loss": loss, "num_tokens": supervised.sum()}
 
     # ---- generation ------------------------------------------------------------------------
 
