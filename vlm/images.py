@@ -42,7 +42,10 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
                 )
             image.load()
             return to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        # Pillow refuses these in Image.open, before the size check above can name the dimensions.
+        raise ImageError(f"{name} has more than the {MAX_PIXELS:,} pixels allowed; resize it and try again") from None
+    except UnidentifiedImageError:
         raise ImageError(f"{name} is not an image this program can read (PNG, JPEG, GIF, WebP, BMP, TIFF)") from None
     except (OSError, SyntaxError) as e:
         raise ImageError(f"{name} could not be decoded ({e}); it may be truncated or corrupt") from None
