@@ -1,0 +1,179 @@
+import huggingface_hub.constants
+import pytest
+import torch
+
+from vlm.cli import main
+from vlm.config import ConfigError, LMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from vlm.export import export_llava
+from vlm.model import VisionLanguageModel
+
+QUESTION = "what shape is in the image?"
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip_dir(tmp_path_factory):
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                                                 num_attention_heads=4, image_size=32, patch_size=8))
+    path = tmp_path_factory.mktemp("tiny_siglip")
+    tower.save_pretrained(path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tied_lm_dir(tiny_lm_dir, tmp_path_factory):
+    """The tiny LM with its output head tied to its input embeddings, as SmolLM2 has."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_tied_lm")
+    config = AutoConfig.from_pretrained(tiny_lm_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(path)
+    return path
+
+
+def checkpoint(config: ModelConfig, path):
+    """A saved vlm checkpoint whose projector is far from its init, so the image drives the output."""
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(config)
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.normal_(0, 1)
+    model.save_pretrained(path)
+    return model
+
+
+def load_offline(out, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # any Hub request raises
+    return AutoModelForImageTextToText.from_pretrained(out), AutoProcessor.from_pretrained(out)
+
+
+def exported_inputs(processor, image):
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("vision, projector, drop_cls, lm", [
+    ("clip", "mlp2x_gelu", True, "untied"),
+    ("clip", "linear", False, "untied"),
+    ("siglip", "mlp2x_gelu", True, "tied"),
+])
+def test_exported_llava_matches_vlm(vision, projector, drop_cls, lm, request, images, tmp_path, monkeypatch):
+    vision_dir = request.getfixturevalue("tiny_clip_dir" if vision == "clip" else "tiny_siglip_dir")
+    lm_dir = request.getfixturevalue("tiny_lm_dir" if lm == "untied" else "tied_lm_dir")
+    config = ModelConfig(vision=VisionConfig(backend="hf", name=str(vision_dir), drop_cls=drop_cls),
+                         projector=ProjectorConfig(type=projector), lm=LMConfig(name=str(lm_dir)))
+    assert_export_matches(config, images, tmp_path, monkeypatch)
+
+
+@pytest.mark.integration
+def test_export_with_the_packaged_lm_matches_vlm(tiny_clip_dir, images, tmp_path, monkeypatch):
+    """The real SmolLM2: tied head, 49k vocabulary, a chat template that adds a default system turn."""
+    config = ModelConfig(vision=VisionConfig(backend="hf", name=str(tiny_clip_dir)),
+                         lm=LMConfig(name="packaged:smollm2-135m-instruct"))
+    assert_export_matches(config, images, tmp_path, monkeypatch)
+
+
+def assert_export_matches(config: ModelConfig, images, tmp_path, monkeypatch):
+    """Same prompt ids, pixels, logits and greedy tokens from vlm and from the exported LLaVA folder."""
+    model = checkpoint(config, tmp_path / "ckpt")
+    export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    llava, processor = load_offline(tmp_path / "out", monkeypatch)
+    assert type(llava).__name__ == "LlavaForConditionalGeneration"
+
+    ours = model.prepare([images[0]], [[{"role": "user", "content": QUESTION}]])
+    theirs = exported_inputs(processor, images[0])
+    assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
+    torch.testing.assert_close(theirs["pixel_values"], ours["pixel_values"])
+
+    vocab = model.lm.config.vocab_size
+    with torch.no_grad():
+        expected = model(**ours).logits
+        logits = llava(**theirs).logits
+        other_image = llava(**exported_inputs(processor, images[1])).logits
+    torch.testing.assert_close(logits[..., :vocab], expected)
+    assert not torch.allclose(other_image, logits, atol=1e-3)  # the image reaches the output
+
+    generated = llava.generate(**theirs, max_new_tokens=12, do_sample=False)[:, theirs["input_ids"].shape[1]:]
+    assert generated.tolist() == model.generate(**ours, max_new_tokens=12).tolist()
+    assert processor.batch_decode(generated, skip_special_tokens=True)[0].strip() == \
+        model.chat([images[0]], [[{"role": "user", "content": QUESTION}]], max_new_tokens=12)[0]
+
+
+def test_exported_model_never_generates_the_image_token(tiny_model_config, tmp_path, monkeypatch):
+    checkpoint(tiny_model_config, tmp_path / "ckpt")
+    export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    llava, processor = load_offline(tmp_path / "out", monkeypatch)
+    image_token_id = llava.config.image_token_id
+    prompt = processor.tokenizer("what shape", return_tensors="pt")
+    with torch.no_grad():  # point the image token's output row at the final hidden state: logit 100, the argmax
+        hidden = llava.model(**prompt).last_hidden_state[0, -1]
+        llava.lm_head.weight[image_token_id] = 100 * hidden / hidden.square().sum()
+    generated = llava.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert image_token_id not in generated[0, prompt["input_ids"].shape[1]:].tolist()
+    unsuppressed = llava.generate(**prompt, max_new_tokens=1, do_sample=False, suppress_tokens=None)
+    assert unsuppressed[0, -1] == image_token_id
+
+
+def test_export_replaces_an_earlier_export_but_not_other_folders(tiny_model_config, tmp_path):
+    checkpoint(tiny_model_config, tmp_path / "ckpt")
+    export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an earlier LLaVA export"):
+        export_llava(str(tmp_path / "ckpt"), str(tmp_path / "notes"))
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_open_clip_tower_is_refused_with_the_reason(tiny_open_clip, tiny_lm_dir, tmp_path, capsys):
+    name, weights = tiny_open_clip
+    checkpoint(ModelConfig(vision=VisionConfig(backend="open_clip", name=name, pretrained=weights),
+                           lm=LMConfig(name=str(tiny_lm_dir))), tmp_path / "ckpt")
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "open_clip" in err and "CLIP/SigLIP" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_token_compression_is_refused_with_the_reason(tiny_model_config, tmp_path):
+    config = ModelConfig(vision=tiny_model_config.vision, lm=tiny_model_config.lm,
+                         projector=ProjectorConfig(compress="pool", num_tokens=4))
+    checkpoint(config, tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="compress=pool"):
+        export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+
+
+def test_checkpoint_with_lm_weights_is_refused(tiny_model_config, tmp_path):
+    checkpoint(tiny_model_config, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "lora").mkdir()
+    (tmp_path / "ckpt" / "lora" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="adapter_model.safetensors"):
+        export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+
+
+def test_lm_with_scaled_logits_is_refused(tiny_lm_dir, tiny_clip_dir, tmp_path):
+    """Granite divides its logits by `logits_scaling` in its own head; LLaVA's plain head would not."""
+    from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    torch.manual_seed(0)
+    lm = GraniteForCausalLM(GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                          logits_scaling=8.0))
+    lm.save_pretrained(tmp_path / "granite")
+    tokenizer.save_pretrained(tmp_path / "granite")
+    checkpoint(ModelConfig(vision=VisionConfig(backend="hf", name=str(tiny_clip_dir)),
+                           lm=LMConfig(name=str(tmp_path / "granite"))), tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match="logit scaling or softcapping"):
+        export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))

@@ -1,0 +1,192 @@
+"""`vlm export`: a checkpoint as a transformers `LlavaForConditionalGeneration` folder.
+
+The folder loads with `AutoModelForImageTextToText` / `AutoProcessor` and no vlm code, so serving
+engines that read LLaVA checkpoints can run it. Only what LLaVA can express exactly is exported:
+a Hugging Face CLIP/SigLIP tower, no token compression, and an LM whose causal-LM head is a plain
+linear layer over its decoder (checked numerically, since some heads scale or softcap logits).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vlm.config import ConfigError
+from vlm.language_model import IMAGE_TOKEN
+from vlm.model import PROJECTOR_FILE, VisionLanguageModel, read_checkpoint_config, replace_dir
+
+# The processor's template turns transformers' multimodal message format ([{"type": "image"},
+# {"type": "text", "text": ...}]) into the text vlm feeds the LM's own template: `<image>\n` where
+# the image goes, then the text. Plain string contents pass through unchanged.
+CONTENT_TO_TEXT = (
+    "{%- set converted = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string or message['content'] is none -%}"
+    "{%- set converted.messages = converted.messages + [message] -%}"
+    "{%- else -%}"
+    "{%- set text = namespace(value='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '" + IMAGE_TOKEN + "\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set converted.messages = converted.messages + [{'role': message['role'], 'content': text.value}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = converted.messages %}"
+)
+
+
+def export_llava(checkpoint: str, out: str) -> None:
+    """Write `out` as a LLaVA folder (config, safetensors weights, processor); refuse what LLaVA cannot express."""
+    from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    config = read_checkpoint_config(checkpoint)
+    check_exportable(config, Path(checkpoint))
+    target = Path(out)
+    check_target(target)
+
+    model = VisionLanguageModel.from_pretrained(checkpoint)
+    tower, lm, tokenizer = model.vision.tower, model.lm, model.tokenizer
+    check_lm_head(lm, config.lm.name)
+    image_token_id = model.processor.image_token_id
+    grow_vocab(lm, image_token_id + 1)
+
+    # SigLIP has no CLS token; LLaVA's "default" strategy would drop its first patch instead.
+    has_cls = tower.config.model_type.startswith("clip")
+    strategy = "default" if has_cls and config.vision.drop_cls else "full"
+    linear = config.projector.type == "linear"
+    # What the loaded LM does, not what its config claims: a config may say tied over two distinct matrices.
+    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    llava_config = LlavaConfig(
+        vision_config=tower.config.to_dict(),
+        text_config={**lm.config.to_dict(), "tie_word_embeddings": tied},
+        image_token_index=image_token_id,
+        image_seq_length=model.processor.num_image_tokens,
+        # LLaVA's projector is always linear_1 -> act -> linear_2; `linear` is linear_1 with identity after it.
+        projector_hidden_act="linear" if linear else "gelu",
+        vision_feature_layer=config.vision.feature_layer,
+        vision_feature_select_strategy=strategy,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=tied,
+    )
+    llava_config.dtype = lm.dtype
+
+    # Built on the meta device and given vlm's own modules, so the export never holds two copies of the LM.
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(llava_config)
+    llava.model.vision_tower = tower
+    llava.model.language_model = lm.base_model
+    llava.lm_head = lm.get_output_embeddings()
+    projector = LlavaMultiModalProjector(llava_config)
+    projector.load_state_dict(projector_weights(model))
+    llava.model.multi_modal_projector = projector
+    llava.to(lm.dtype)
+    llava.generation_config = lm.generation_config
+    llava.generation_config.pad_token_id = tokenizer.pad_token_id
+    # The image placeholder is input only; vlm's LM never predicts it, so neither may the export.
+    llava.generation_config.suppress_tokens = [image_token_id]
+
+    tokenizer.chat_template = CONTENT_TO_TEXT + tokenizer.chat_template
+    processor = LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(config.vision.name),
+        tokenizer=tokenizer,
+        patch_size=tower.config.patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=tokenizer.chat_template,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1 if has_cls else 0,
+    )
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        llava.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_dir(staging, target)
+
+
+def check_exportable(config, checkpoint: Path) -> None:
+    if config.vision.backend != "hf":
+        raise ConfigError(
+            f"cannot export {checkpoint}: its vision tower is {config.vision.backend}:{config.vision.name}, and "
+            "LLaVA in transformers loads only Hugging Face CLIP/SigLIP towers (model.vision.backend=hf)"
+        )
+    if config.projector.compress != "none":
+        raise ConfigError(
+            f"cannot export {checkpoint}: its projector compresses image tokens "
+            f"(model.projector.compress={config.projector.compress}), which LLaVA in transformers has no way to do; "
+            "train with compress=none to export"
+        )
+    extra = sorted(
+        str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")
+        if p.suffix in (".safetensors", ".bin") and p != checkpoint / PROJECTOR_FILE
+    )
+    if extra:
+        raise ConfigError(
+            f"cannot export {checkpoint}: it holds weights besides the projector ({', '.join(extra)}); "
+            "export handles projector-only checkpoints (LoRA or fine-tuned LM weights are not exported yet)"
+        )
+
+
+def check_target(target: Path) -> None:
+    """Replace only an earlier export or an empty folder, never unrelated files."""
+    if not target.exists():
+        return
+    config_file = target / "config.json"
+    is_export = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "llava"
+    if not target.is_dir() or not (is_export or not any(target.iterdir())):
+        raise ConfigError(f"--out {target} exists and is not an earlier LLaVA export; pass a new or empty folder")
+
+
+def check_lm_head(lm, name: str) -> None:
+    """LLaVA computes logits as lm_head(decoder(x)); refuse LMs whose own head does more."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        llava_decoder = AutoModel.from_config(lm.config)
+    head = lm.get_output_embeddings()
+    if type(llava_decoder) is not type(lm.base_model) or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise ConfigError(
+            f"cannot export: LLaVA would rebuild the LM {name} as {type(llava_decoder).__name__} plus a bias-free "
+            f"linear head, but it is {type(lm.base_model).__name__} with head {head}"
+        )
+    probe = torch.arange(min(8, lm.config.vocab_size), device=lm.device).unsqueeze(0)
+    with torch.no_grad():
+        own = lm(input_ids=probe).logits
+        rebuilt = head(lm.base_model(input_ids=probe).last_hidden_state)
+    if not torch.allclose(own.float(), rebuilt.float(), rtol=1e-3, atol=1e-3):
+        raise ConfigError(
+            f"cannot export: {name}'s causal-LM head transforms logits beyond its linear layer "
+            "(logit scaling or softcapping), which LLaVA in transformers does not reproduce"
+        )
+
+
+def grow_vocab(lm, size: int) -> None:
+    """Give the image placeholder an embedding row. Its input row is always overwritten by image
+    features; its output row is zero (and generation suppresses it), so it changes no prediction."""
+    old = lm.get_input_embeddings().weight.shape[0]
+    if size <= old:
+        return
+    lm.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[old:] = 0
+        lm.get_output_embeddings().weight[old:] = 0
+
+
+def projector_weights(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """vlm's projector as LLaVA's linear_1 / linear_2."""
+    proj = model.projector.proj
+    if isinstance(proj, torch.nn.Linear):
+        lm_dim = proj.out_features
+        return {"linear_1.weight": proj.weight, "linear_1.bias": proj.bias,
+                "linear_2.weight": torch.eye(lm_dim), "linear_2.bias": torch.zeros(lm_dim)}
+    return {"linear_1.weight": proj[0].weight, "linear_1.bias": proj[0].bias,
+            "linear_2.weight": proj[2].weight, "linear_2.bias": proj[2].bias}
