@@ -98,3 +98,16 @@ def images():
 
     g = torch.Generator().manual_seed(0)
     return [Image.fromarray(torch.randint(0, 255, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(4)]
+
+
+@pytest.fixture(scope="session")
+def benchmark_data(tmp_path_factory):
+    """Tiny offline copies of the benchmark datasets in their Hub layout ({name: folder})."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parent / "fixtures" / "benchmarks" / "make_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_fixtures", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(tmp_path_factory.mktemp("benchmarks"))

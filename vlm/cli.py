@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlm.benchmarks import BENCHMARKS
 from vlm.config import ConfigError
 from vlm.images import ImageError
 from vlm.processor import PromptError
@@ -37,12 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--top-p", type=float, default=0.9)
 
     evaluate = commands.add_parser("eval", help="score a checkpoint on a VQA benchmark subset")
-    evaluate.add_argument("--checkpoint", help="checkpoint folder written by `vlm train`")
-    evaluate.add_argument("--benchmark", default="easy_vqa")
+    evaluate.add_argument("--checkpoint", help="checkpoint folder written by `vlm train` (default: the offline run's)")
+    evaluate.add_argument("--benchmark", default="easy_vqa", help=f"one of: {', '.join(BENCHMARKS)} (default: easy_vqa, offline)")
+    evaluate.add_argument("--data", help="local copy instead of the Hub: a snapshot folder, an image folder with "
+                          "metadata.jsonl, or a .parquet/.json/.jsonl/.csv file with the Hub's columns")
+    evaluate.add_argument("--split", help="dataset split (default: the benchmark's usual one)")
     evaluate.add_argument("--limit", type=int, default=1000, help="questions in the fixed-seed subset (0 = all)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--output", help="results folder (default: <checkpoint>/eval)")
+    evaluate.add_argument("--max-new-tokens", type=int, help="default 16, or 256 with --cot")
+    evaluate.add_argument("--cot", action="store_true", help="ask for step-by-step reasoning and score its final answer")
+    evaluate.add_argument("--ocr", action="store_true", help="textvqa: put the dataset's OCR tokens in the prompt")
+    evaluate.add_argument("--output", help="results folder (default: <checkpoint>/eval/<benchmark>)")
     evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results JSON files side by side")
 
     demo = commands.add_parser("demo", help="chat with a checkpoint in a Gradio app")

@@ -1,0 +1,298 @@
+"""`vlm eval`: score a checkpoint on a fixed-seed benchmark subset, or compare two results.
+
+Writes, under --output (default <checkpoint>/eval/<benchmark>[-ocr][-cot]):
+  results.json      benchmark, split, N, seed, metrics with N and 95% bootstrap interval,
+                    checkpoint and config hash, wall time, questions/s, skipped records
+  predictions.jsonl one line per scored question: question, answers, prediction, score
+  results.md        the same as a markdown table
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlm.benchmarks import Benchmark, build_prompt, get_benchmark, select
+from vlm.config import ConfigError
+from vlm.metrics import (
+    exact_match,
+    extract_choice,
+    extract_final_answer,
+    pope_scores,
+    summarize,
+    vqa_accuracy,
+)
+from vlm.model import CONFIG_FILE
+
+DEFAULT_MAX_NEW_TOKENS = 16  # LLaVA-1.5's and lmms-eval's budget for short answers
+COT_MAX_NEW_TOKENS = 256  # room for the reasoning before the final answer
+BOOTSTRAP_RESAMPLES = 1000  # as vlm.metrics.bootstrap_ci
+
+
+def run_eval(args) -> int:
+    if args.compare:
+        print(compare(*args.compare))
+        return 0
+    benchmark = get_benchmark(args.benchmark)
+    if args.ocr and benchmark.name != "textvqa":
+        raise ConfigError("--ocr adds TextVQA's OCR tokens to the prompt; use it with --benchmark textvqa")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    checkpoint = _checkpoint_dir(args.checkpoint)
+    max_new_tokens = args.max_new_tokens or (COT_MAX_NEW_TOKENS if args.cot else DEFAULT_MAX_NEW_TOKENS)
+    # The data is opened (and its columns checked) before the model loads, so a wrong path fails fast.
+    selection = select(benchmark, data=args.data, split=args.split, limit=args.limit, seed=args.seed)
+    suffix = ("-ocr" if args.ocr else "") + ("-cot" if args.cot else "")
+    output = Path(args.output) if args.output else checkpoint / "eval" / f"{benchmark.name}{suffix}"
+
+    from vlm.cli import load_model
+
+    model = load_model(str(checkpoint), None, announce=lambda m: print(m, file=sys.stderr))
+    _to_accelerator(model)
+    start = time.perf_counter()
+    items, skipped = generate(model, selection, cot=args.cot, ocr=args.ocr,
+                              batch_size=args.batch_size, max_new_tokens=max_new_tokens)
+    wall = time.perf_counter() - start
+    if not items:
+        raise ConfigError(f"all {len(skipped)} selected records of {benchmark.name} are malformed; first: {skipped[0]['error']}")
+    metrics = score(benchmark.metric, items, seed=args.seed)
+
+    results = {
+        "benchmark": benchmark.name,
+        "description": benchmark.description,
+        "source": selection.source,
+        "split": selection.split,
+        "n": len(items),
+        "n_selected": len(selection),
+        "n_skipped": len(skipped),
+        "rows_in_split": selection.total,
+        "limit": args.limit,
+        "seed": args.seed,
+        "metrics": metrics,
+        "prompt": {"chain_of_thought": args.cot, "ocr_tokens": args.ocr if benchmark.name == "textvqa" else None},
+        "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": args.batch_size},
+        "checkpoint": str(checkpoint),
+        "config_hash": hashlib.sha256((checkpoint / CONFIG_FILE).read_bytes()).hexdigest(),
+        "wall_time_s": round(wall, 3),
+        "questions_per_s": round(len(items) / wall, 3) if wall > 0 else None,
+        "skipped": skipped,
+    }
+    write_results(output, results, items)
+    if skipped:
+        print(f"skipped {len(skipped)} malformed record(s); see 'skipped' in {output / 'results.json'}", file=sys.stderr)
+    print(markdown(results))
+    print(f"\nwrote {output}/results.json, predictions.jsonl, results.md", file=sys.stderr)
+    return 0
+
+
+def _checkpoint_dir(checkpoint: str | None) -> Path:
+    from vlm.cli import default_checkpoint
+
+    path = Path(checkpoint) if checkpoint else default_checkpoint()
+    if not path.is_dir():
+        raise ConfigError(
+            f"checkpoint folder {path} does not exist; pass --checkpoint DIR "
+            "(train one with `vlm train --config offline`)"
+        )
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError(f"{path} is not a vlm checkpoint (no {CONFIG_FILE}); pass the folder `vlm train` wrote")
+    return path
+
+
+def _to_accelerator(model) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        model.to("cuda")
+    model.eval()
+
+
+def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new_tokens: int):
+    """Greedy answers for every well-formed record; malformed ones come back in `skipped`."""
+    from tqdm import tqdm
+
+    benchmark = selection.benchmark
+    items: list[dict] = []
+    skipped: list[dict] = []
+    batch: list[dict] = []
+
+    def flush():
+        prompts = [build_prompt(r, benchmark, cot=cot, ocr=ocr) for r in batch]
+        replies = model.chat([r["image"] for r in batch], [[{"role": "user", "content": p}] for p in prompts],
+                             max_new_tokens=max_new_tokens)
+        for record, prompt, reply in zip(batch, prompts, replies):
+            item = {k: v for k, v in record.items() if k not in ("image", "context", "ocr_tokens")}
+            item["prompt"] = prompt
+            item["prediction"] = extract_final_answer(reply) if cot else reply
+            if cot:
+                item["reply"] = reply
+            items.append(item)
+        progress.update(len(batch))
+        batch.clear()
+
+    with tqdm(total=len(selection), desc=benchmark.name, unit="q", file=sys.stderr, disable=None) as progress:
+        for record in selection:
+            if "error" in record:
+                skipped.append(record)
+                progress.update(1)
+                continue
+            batch.append(record)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    return items, skipped
+
+
+def score(metric: str, items: list[dict], seed: int = 0) -> dict:
+    """Per-item scores (stored on each item as "score") and the summary metrics, via vlm.metrics.
+
+    `items` need "prediction" and "answers" (vqa, exact), "label" (pope), or "choices" and
+    "label" (choice). Each metric is {"value", "n", "ci95"}: a mean over `n` items with its
+    95% percentile-bootstrap interval; POPE's F1, which is not a mean, is bootstrapped as a whole.
+    """
+    if metric == "vqa":
+        for item in items:
+            item["score"] = vqa_accuracy(item["prediction"], item["answers"])
+        return {"vqa_accuracy": summarize([i["score"] for i in items], seed=seed)}
+    if metric == "exact":
+        for item in items:
+            item["score"] = exact_match(item["prediction"], item["answers"][0])
+        return {"exact_match": summarize([i["score"] for i in items], seed=seed)}
+    if metric == "choice":
+        for item in items:
+            item["choice"] = extract_choice(item["prediction"], len(item["choices"]), item["choices"])
+            item["score"] = float(item["choice"] == item["label"])
+        return {"accuracy": summarize([i["score"] for i in items], seed=seed)}
+    if metric == "pope":
+        return _pope(items, seed)
+    raise ValueError(f"unknown metric kind {metric!r}")
+
+
+def _pope(items: list[dict], seed: int) -> dict:
+    # pope_scores on one item reads back its yes/no decision (yes_ratio) and correctness (accuracy).
+    for item in items:
+        single = pope_scores([item["prediction"]], [item["label"]])
+        item["says_yes"] = single["yes_ratio"] == 1.0
+        item["score"] = single["accuracy"]
+    says_yes = np.array([i["says_yes"] for i in items])
+    positive = np.array([i["label"] == "yes" for i in items])
+    correct = says_yes == positive
+    return {
+        "accuracy": summarize(correct.astype(float).tolist(), seed=seed),
+        "precision": _mean_or_empty(correct[says_yes], seed),
+        "recall": _mean_or_empty(says_yes[positive], seed),
+        "f1": _f1_with_interval(says_yes, positive, seed),
+        "yes_ratio": summarize(says_yes.astype(float).tolist(), seed=seed),
+    }
+
+
+def _mean_or_empty(values: np.ndarray, seed: int) -> dict:
+    # pope_scores reports 0.0 for an empty denominator (no 'yes' predicted or labelled).
+    if values.size == 0:
+        return {"value": 0.0, "n": 0, "ci95": None}
+    return summarize(values.astype(float).tolist(), seed=seed)
+
+
+def _f1_with_interval(says_yes: np.ndarray, positive: np.ndarray, seed: int) -> dict:
+    def f1(tp, fp, fn):
+        denominator = 2 * tp + fp + fn
+        return np.divide(2 * tp, denominator, out=np.zeros_like(denominator, dtype=float), where=denominator > 0)
+
+    n = says_yes.size
+    tp_items, fp_items, fn_items = says_yes & positive, says_yes & ~positive, ~says_yes & positive
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+    boot = f1(tp_items[resamples].sum(1), fp_items[resamples].sum(1), fn_items[resamples].sum(1))
+    low, high = np.quantile(boot, [0.025, 0.975])
+    value = f1(np.array([tp_items.sum()]), np.array([fp_items.sum()]), np.array([fn_items.sum()]))[0]
+    return {"value": float(value), "n": int(n), "ci95": [float(low), float(high)]}
+
+
+def write_results(output: Path, results: dict, items: list[dict]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with open(output / "predictions.jsonl", "w") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+    (output / "results.md").write_text(markdown(results) + "\n")
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _interval(metric: dict) -> str:
+    return "-" if not metric.get("ci95") else f"[{_percent(metric['ci95'][0])}, {_percent(metric['ci95'][1])}]"
+
+
+def markdown(results: dict) -> str:
+    prompt = results["prompt"]
+    lines = [
+        f"### {results['benchmark']} ({results['split']})",
+        "",
+        "| metric | value (%) | 95% CI | N |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {_percent(m['value'])} | {_interval(m)} | {m['n']} |" for name, m in results["metrics"].items()]
+    ocr = prompt.get("ocr_tokens")
+    lines += [
+        "",
+        f"- data: {results['source']}, {results['n_selected']} of {results['rows_in_split']} questions "
+        f"(seed {results['seed']}); {results['n']} scored, {results['n_skipped']} malformed skipped",
+        f"- prompt: LLaVA-1.5 suffixes, chain of thought {'on' if prompt['chain_of_thought'] else 'off'}"
+        + ("" if ocr is None else f", OCR tokens {'in' if ocr else 'not in'} the prompt"),
+        f"- generation: greedy, at most {results['generation']['max_new_tokens']} new tokens, "
+        f"batch {results['generation']['batch_size']}",
+        f"- checkpoint: {results['checkpoint']} (config sha256 {results['config_hash'][:12]})",
+        f"- wall time {results['wall_time_s']:.1f} s, {results['questions_per_s']} questions/s",
+    ]
+    return "\n".join(lines)
+
+
+def _read_results(path: str) -> dict:
+    file = Path(path)
+    if file.is_dir():
+        file = file / "results.json"
+    if not file.is_file():
+        raise ConfigError(f"--compare: {path} is neither a results.json nor a folder holding one")
+    try:
+        results = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--compare: {file} is not valid JSON ({e})") from None
+    if not isinstance(results, dict) or "metrics" not in results:
+        raise ConfigError(f"--compare: {file} is not a `vlm eval` results.json (no metrics)")
+    return results
+
+
+def compare(path_a: str, path_b: str) -> str:
+    """A markdown table with two results side by side (metrics in %, with 95% CI)."""
+    a, b = _read_results(path_a), _read_results(path_b)
+
+    def field(results, key):
+        value = results.get(key)
+        return "-" if value is None else str(value)
+
+    rows = [("file", path_a, path_b)]
+    for key in ("benchmark", "split", "n", "n_skipped", "seed", "checkpoint"):
+        rows.append((key, field(a, key), field(b, key)))
+    rows.append(("config hash", field(a, "config_hash")[:12], field(b, "config_hash")[:12]))
+    rows.append(("prompt", json.dumps(a.get("prompt")), json.dumps(b.get("prompt"))))
+    for name in dict.fromkeys([*a["metrics"], *b["metrics"]]):
+        cells = []
+        for results in (a, b):
+            metric = results["metrics"].get(name)
+            cells.append("-" if metric is None else f"{_percent(metric['value'])} {_interval(metric)}")
+        rows.append((name, *cells))
+    if (a.get("benchmark"), a.get("split")) != (b.get("benchmark"), b.get("split")):
+        rows.append(("note", "different benchmark or split:", "scores are not comparable"))
+    lines = ["| | A | B |", "| --- | --- | --- |"]
+    lines += [f"| {key} | {x} | {y} |" for key, x, y in rows]
+    return "\n".join(lines)
