@@ -10,6 +10,14 @@ from pathlib import Path
 from PIL import Image
 
 RED = (200, 30, 30)
+# Words the refusal of each broken file must contain.
+WHAT_THE_USER_IS_TOLD = {
+    "notes.png": "not an image",
+    "truncated.png": "truncated",
+    "truncated.jpg": "truncated",
+    "large.png": "9000x8000 pixels",
+    "enormous.png": "resize it",
+}
 
 
 def _encoded(image: Image.Image, fmt: str, **options) -> bytes:

@@ -1,15 +1,7 @@
 import pytest
 
-from bad_images import RED, broken_images, odd_images
+from bad_images import RED, WHAT_THE_USER_IS_TOLD, broken_images, odd_images
 from vlm.images import ImageError, load_image
-
-WHAT_THE_USER_IS_TOLD = {
-    "notes.png": "not an image",
-    "truncated.png": "truncated",
-    "truncated.jpg": "truncated",
-    "large.png": "9000x8000 pixels",
-    "enormous.png": "resize it",
-}
 
 
 @pytest.mark.parametrize("name", sorted(WHAT_THE_USER_IS_TOLD))

@@ -1,0 +1,112 @@
+"""Time to first token and tokens/s of the demo's answers, for the model `vlm demo` would load.
+
+    python benchmarks/demo_latency.py                      # offline default on CPU
+    python benchmarks/demo_latency.py --device cuda --users 1 4
+
+Each answer is forced to --max-new-tokens tokens (greedy), so tokens/s does not depend on where
+the model chooses to stop. Time to first token runs from the request (image preprocessing and
+prompt encoding included) to the first generated token; tokens/s per user is the decode rate after it.
+--users N starts N answers at once on the one shared model, as the demo's queue does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from demo.app import EXAMPLES
+from vlm.cli import EXAMPLES_DIR, load_model
+from vlm.images import load_image
+
+
+class TokenClock(BaseStreamer):
+    """Records when each generated token leaves generate(); the first put() is the prompt."""
+
+    def __init__(self):
+        self.prompt_seen = False
+        self.times: list[float] = []
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def one_answer(model, image, question: str, max_new_tokens: int) -> dict:
+    start = time.perf_counter()
+    batch = model.prepare([image], [[{"role": "user", "content": question}]])
+    clock = TokenClock()
+    model.generate(**batch, streamer=clock, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
+    first, last = clock.times[0], clock.times[-1]
+    return {"ttft": first - start, "rate": (len(clock.times) - 1) / (last - first), "tokens": len(clock.times),
+            "seconds": last - start, "prompt": batch["input_ids"].shape[1]}
+
+
+def together(model, requests, max_new_tokens: int) -> tuple[list[dict], float]:
+    """Answers for all requests started at once; also their combined tokens/s."""
+    results: list[dict] = [{}] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def run(i, image, question):
+        barrier.wait()
+        results[i] = one_answer(model, image, question, max_new_tokens)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, sum(r["tokens"] for r in results) / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="as for `vlm demo` (default: the trained offline run's, if any)")
+    parser.add_argument("--config", help="as for `vlm demo`")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 2], help="answers generated at once")
+    parser.add_argument("--runs", type=int, default=2, help="rounds over the demo's example questions")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    announced: list[str] = []
+    start = time.perf_counter()
+    model = load_model(args.checkpoint, args.config, announce=announced.append).to(args.device).eval()
+    load_s = time.perf_counter() - start
+    requests = [(load_image(EXAMPLES_DIR / name), question) for name, question in EXAMPLES]
+    one_answer(model, *requests[0], max_new_tokens=4)  # first call pays one-off allocation and kernel selection
+
+    print(f"model: {model.config.vision.backend}:{model.config.vision.name} + {model.config.lm.name}; "
+          f"{announced[-1].removeprefix('loading ')}")
+    print(f"device: {args.device} ({torch.get_num_threads()} CPU threads); loaded in {load_s:.1f} s; "
+          f"{args.max_new_tokens} new tokens per answer, {args.runs} rounds of {len(requests)} example questions\n")
+    print("| users at once | answers | prompt tokens | time to first token, s (median / max) "
+          "| tokens/s per user (median) | tokens/s all users |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for users in args.users:
+        answers, totals = [], []
+        for round_ in range(args.runs):
+            for i in range(0, len(requests), users):
+                group = [requests[(i + j) % len(requests)] for j in range(users)]
+                results, total = together(model, group, args.max_new_tokens)
+                answers += results
+                totals.append(total)
+        ttft = [a["ttft"] for a in answers]
+        print(f"| {users} | {len(answers)} | {min(a['prompt'] for a in answers)}-{max(a['prompt'] for a in answers)} "
+              f"| {statistics.median(ttft):.2f} / {max(ttft):.2f} | {statistics.median(a['rate'] for a in answers):.1f} "
+              f"| {statistics.median(totals):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

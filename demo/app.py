@@ -1,0 +1,130 @@
+"""`vlm demo`: chat about an image with a trained projector, in one Gradio process."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import gradio as gr
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from vlm.cli import EXAMPLES_DIR, load_model
+from vlm.config import ConfigError
+from vlm.images import ImageError, load_image
+from vlm.processor import PromptError
+
+# Answers generated at once. Generation on one shared model is thread-safe (same greedy answers
+# as one at a time, checked in tests/test_demo.py); on a 2-core CPU two or four at once finish in
+# about the time they take in turn, and nobody waits for a whole answer before their text starts.
+CONCURRENT_ANSWERS = 4
+EXAMPLES = [
+    ("shape_0.png", "What shape is in the image?"),
+    ("shape_1.png", "What color is the shape?"),
+    ("shape_10.png", "Is there a circle in the image?"),
+    ("cat.jpg", "What is in the picture?"),
+]
+NO_IMAGE = "Upload an image (or pick an example below), then ask a question about it."
+
+
+def launch(args) -> int:
+    announced: list[str] = []
+
+    def announce(message: str) -> None:
+        announced.append(message)
+        print(message, file=sys.stderr)
+
+    model = load_model(args.checkpoint, args.config, announce=announce)
+    app = build_app(model, announced[-1].removeprefix("loading "))
+    try:
+        app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    except OSError as e:
+        # gradio's message names its own launch() arguments; the user needs the CLI flag.
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({str(e).split('. ')[0]}); pass a free --port") from None
+    return 0
+
+
+def build_app(model, checkpoint_label: str) -> gr.Blocks:
+    """The chat app for one loaded model; `checkpoint_label` says which projector it carries."""
+    config = model.config
+    status = (f"**Encoder** `{config.vision.backend}:{config.vision.name}` · **LM** `{config.lm.name}` · "
+              f"{checkpoint_label}")
+
+    def respond(message, session, temperature, top_p, max_new_tokens):
+        text = (message or {}).get("text", "").strip()
+        files = (message or {}).get("files") or []
+        if files:  # a new image starts a new conversation
+            upload = Path(files[-1])
+            try:
+                # Read as bytes so the message names "the upload", not gradio's temporary path.
+                image = load_image(upload.read_bytes())
+            except ImageError as e:
+                yield [_says("user", f"Uploaded {upload.name}"), _says("assistant", f"Sorry, {e}. Please try another image.")], None, None
+                return
+            session = {"image": image, "upload": str(upload), "messages": []}
+        if session is None:
+            yield [_says("assistant", NO_IMAGE)], None, None
+            return
+        chat = _shown(session)
+        if not text:
+            yield chat, session, None
+            return
+        messages = session["messages"] + [{"role": "user", "content": text}]
+        chat += [_says("user", text), _says("assistant", "")]
+        answer = ""
+        stop = threading.Event()
+        try:
+            for piece in model.stream_chat(session["image"], messages, temperature=temperature, top_p=top_p,
+                                           max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
+                                           stopping_criteria=StoppingCriteriaList([_StopWhen(stop)])):
+                answer += piece
+                chat[-1]["content"] = answer
+                yield chat, session, None
+        except PromptError as e:
+            chat[-1]["content"] = f"Sorry, {e}."
+            yield chat, session, None
+            return
+        finally:
+            stop.set()  # a user who left (or pressed New conversation) frees the CPU for the others
+        yield chat, {**session, "messages": messages + [{"role": "assistant", "content": answer.strip()}]}, None
+
+    with gr.Blocks(title="vlm demo", analytics_enabled=False) as app:
+        gr.Markdown("## vlm: ask about an image")
+        gr.Markdown(status, elem_id="status")
+        session = gr.State(None)
+        chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat")
+        question = gr.MultimodalTextbox(
+            placeholder="Attach an image and ask about it; follow-up questions keep the same image",
+            file_count="single", sources=["upload"], label="Question", show_label=False, elem_id="question",
+        )
+        with gr.Row():
+            new = gr.Button("New conversation", variant="secondary")
+        with gr.Accordion("Generation settings", open=False):
+            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (when sampling)")
+            max_new_tokens = gr.Slider(1, 512, value=128, step=1, label="Max new tokens")
+        gr.Examples([[{"text": q, "files": [str(EXAMPLES_DIR / name)]}] for name, q in EXAMPLES], inputs=[question])
+        # The conversation lives in the session, so API clients need not send the chat history back.
+        answering = question.submit(respond, [question, session, temperature, top_p, max_new_tokens],
+                                    [chatbot, session, question], api_name="chat")
+        # The chat's own trash icon must forget the session too, or the next question revives the old chat.
+        gr.on([new.click, chatbot.clear], lambda: ([], None, None), None, [chatbot, session, question],
+              cancels=[answering], api_name="new")
+    return app.queue(default_concurrency_limit=CONCURRENT_ANSWERS)
+
+
+def _shown(session: dict) -> list[dict]:
+    return [_says("user", {"path": session["upload"]})] + [_says(m["role"], m["content"]) for m in session["messages"]]
+
+
+def _says(role: str, content) -> dict:
+    return {"role": role, "content": content}
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
