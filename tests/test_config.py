@@ -10,6 +10,10 @@ def test_presets_load_and_overrides_apply():
     assert load_config("clip-l336-qwen2.5-0.5b").model.vision.name == "openai/clip-vit-large-patch14-336"
 
 
+def test_scientific_notation_without_a_dot_is_a_float():
+    assert load_config("offline", ["train.align.lr=1e-3"]).train.align.lr == 0.001
+
+
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match=r"'model.projector.typ'.*did you mean 'model.projector.type'"):
         load_config("offline", ["model.projector.typ=linear"])

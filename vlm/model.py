@@ -24,6 +24,8 @@ from vlm.vision import VisionEncoder, build_vision_encoder
 
 CONFIG_FILE = "vlm_config.json"
 PROJECTOR_FILE = "projector.safetensors"
+LORA_DIR = "lora"
+LM_DIR = "lm"
 
 
 class VisionLanguageModel(nn.Module):
@@ -34,6 +36,7 @@ class VisionLanguageModel(nn.Module):
         self.lm = lm
         self.projector = Projector(config.projector, vision.hidden_size, lm.config.hidden_size, vision.num_patches)
         self.processor = VLMProcessor(tokenizer, vision.preprocess, self.projector.num_tokens)
+        self._loss_decoder = None  # set by compile_for_training()
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VisionLanguageModel":
@@ -46,6 +49,21 @@ class VisionLanguageModel(nn.Module):
         if not any(p.requires_grad for p in self.lm.parameters()):
             self.lm.eval()  # a frozen LM keeps inference behaviour (no dropout) while the projector trains
         return self
+
+    def compile_for_training(self) -> None:
+        """torch.compile what a training step runs: each block of the vision tower, and the LM decoder as one graph.
+
+        Small backbones leave a step bound by Python and kernel launches rather than FLOPs: an eager
+        block launches dozens of small elementwise kernels (docs/benchmarks.md has the profile).
+        The compiled decoder serves forward()'s loss path only; generation keeps the eager one,
+        whose KV-cache shapes change at every step. Call it after adding LoRA.
+        """
+        for stack in self.vision.tower.modules():
+            if isinstance(stack, nn.ModuleList) and len({type(block) for block in stack}) == 1:
+                for block in stack:
+                    block.compile()
+        # Kept out of the module tree, so parameters() and state_dict() do not list the decoder twice.
+        object.__setattr__(self, "_loss_decoder", torch.compile(self.lm.get_decoder()))
 
     @property
     def tokenizer(self):
@@ -90,7 +108,8 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(input_ids, image_embeds)
         if labels is None:
             return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        decoder = self.lm.get_decoder() if self._loss_decoder is None else self._loss_decoder
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][supervised]).float()
@@ -172,8 +191,20 @@ class VisionLanguageModel(nn.Module):
         staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
         state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
         save_file(state, staging / PROJECTOR_FILE)
+        # An LM trained in stage 2 travels with the projector: LoRA as a peft adapter, a full LM as a folder.
+        meta["lm_weights"] = self.lm_training_mode()
+        if meta["lm_weights"] == "lora":
+            self.lm.save_pretrained(staging / LORA_DIR)
+        elif meta["lm_weights"] == "full":
+            self.lm.save_pretrained(staging / LM_DIR)
+            self.tokenizer.save_pretrained(staging / LM_DIR)
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         replace_dir(staging, directory)
+
+    def lm_training_mode(self) -> str:
+        if hasattr(self.lm, "peft_config"):
+            return "lora"
+        return "full" if any(p.requires_grad for p in self.lm.parameters()) else "none"
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config: ModelConfig | None = None) -> "VisionLanguageModel":
@@ -181,9 +212,30 @@ class VisionLanguageModel(nn.Module):
         saved = read_checkpoint_config(directory)
         if config is not None:
             check_same_backbones(saved, config, directory)
+        directory = Path(directory)
+        if (directory / LM_DIR).is_dir():
+            saved.lm.name = str(directory / LM_DIR)
         model = cls.from_config(saved)
         model.load_projector(directory)
+        if (directory / LORA_DIR).is_dir():
+            from peft import PeftModel
+
+            model.lm = PeftModel.from_pretrained(model.lm, directory / LORA_DIR)
         return model
+
+    def load_trained_weights(self, directory: str | Path) -> None:
+        """Projector, plus LoRA or LM weights where the checkpoint has them, into this model (resume)."""
+        self.load_projector(directory)
+        directory = Path(directory)
+        if (directory / LORA_DIR).is_dir():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.lm, load_file(directory / LORA_DIR / "adapter_model.safetensors"))
+        elif (directory / LM_DIR).is_dir():
+            state = {}
+            for shard in sorted((directory / LM_DIR).glob("*.safetensors")):
+                state.update(load_file(shard))
+            self.lm.load_state_dict(state, strict=False)  # tied output embeddings are not stored twice
 
     def load_projector(self, directory: str | Path) -> None:
         directory = Path(directory)

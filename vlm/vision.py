@@ -7,6 +7,7 @@ default because no CLIP weights can be installed without the Hub.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +24,10 @@ BACKENDS = ("efficientnet", "open_clip", "hf")
 class VisionEncoder(nn.Module):
     """A frozen tower: no parameter requires grad, always in eval mode, always run under no_grad."""
 
-    def __init__(self, config: VisionConfig, tower: nn.Module, extract: Callable, transform: Callable, image_size: int):
+    def __init__(self, config: VisionConfig, tower: nn.Module, extract: Callable, transform: Callable, image_size: int,
+                 preprocess_id: str):
         super().__init__()
+        self.preprocess_id = preprocess_id
         self.config = config
         self.tower = tower.requires_grad_(False).eval()
         self._extract = extract
@@ -42,7 +45,8 @@ class VisionEncoder(nn.Module):
     def identity(self) -> str:
         """Names the features this encoder produces: the feature cache and checkpoints key on it."""
         c = self.config
-        return f"{c.backend}:{c.name}:{c.pretrained}:layer{c.feature_layer}:dropcls{c.drop_cls}:{self.image_size}px"
+        preprocess = hashlib.sha256(self.preprocess_id.encode()).hexdigest()[:12]
+        return f"{c.backend}:{c.name}:{c.pretrained}:layer{c.feature_layer}:dropcls{c.drop_cls}:{self.image_size}px:{preprocess}"
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self._transform(image.convert("RGB")) for image in images])
@@ -57,6 +61,8 @@ def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
     builders = {"efficientnet": _efficientnet, "open_clip": _open_clip, "hf": _hugging_face}
     if config.backend not in builders:
         raise ConfigError(f"model.vision.backend={config.backend!r} is unknown; use one of {BACKENDS}")
+    if config.image_size and config.backend != "efficientnet":
+        raise ConfigError("model.vision.image_size applies to the efficientnet backend only; CLIP towers use their own size")
     return builders[config.backend](config)
 
 
@@ -72,7 +78,7 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
     except (ValueError, AssertionError):
         raise ConfigError(f"model.vision.name={config.name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)") from None
     tower.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    size = EfficientNet.get_image_size(config.name)
+    size = config.image_size or EfficientNet.get_image_size(config.name)
     # The Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128 in TF-Lite), not ImageNet mean/std.
     transform = transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
@@ -85,7 +91,7 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
         # The final 1x1 conv's map before global pooling is the CNN's "penultimate" representation.
         return tower.extract_features(x).flatten(2).transpose(1, 2)
 
-    return VisionEncoder(config, tower, extract, transform, size)
+    return VisionEncoder(config, tower, extract, transform, size, repr(transform))
 
 
 def _packaged_efficientnet_weights(name: str) -> str:
@@ -116,7 +122,7 @@ def _open_clip(config: VisionConfig) -> VisionEncoder:
         return torch.cat([out["image_intermediates_prefix"][0], patches], dim=1)
 
     size = tower.image_size[0] if isinstance(tower.image_size, (tuple, list)) else tower.image_size
-    return VisionEncoder(config, tower, extract, transform, size)
+    return VisionEncoder(config, tower, extract, transform, size, repr(transform))
 
 
 def _block_index(feature_layer: int, num_blocks: int) -> int:
@@ -152,4 +158,4 @@ def _hugging_face(config: VisionConfig) -> VisionEncoder:
     def transform(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    return VisionEncoder(config, tower, extract, transform, tower.config.image_size)
+    return VisionEncoder(config, tower, extract, transform, tower.config.image_size, processor.to_json_string())

@@ -1,0 +1,151 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from train.trainer import run_training
+from vlm.config import ConfigError
+from vlm.model import VisionLanguageModel
+
+ROOT = Path(__file__).resolve().parent.parent
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+
+
+@pytest.fixture(scope="module")
+def llava_data(tmp_path_factory):
+    """A LLaVA-format dataset: 558k-style caption records and 665k-style multi-turn records."""
+    root = tmp_path_factory.mktemp("llava")
+    (root / "images").mkdir()
+    captions, conversations = [], []
+    for i in range(24):
+        color = list(COLORS)[i % 3]
+        Image.new("RGB", (40, 40), COLORS[color]).save(root / "images" / f"{i}.png")
+        captions.append({"id": str(i), "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"A {color} square."}]})
+        conversations.append({"id": str(i), "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "What color is it?\n<image>"}, {"from": "gpt", "value": color},
+            {"from": "human", "value": "Is it a square?"}, {"from": "gpt", "value": "yes"}]})
+    conversations.append({"id": "missing", "image": "images/none.png", "conversations": conversations[0]["conversations"]})
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "instruct.json").write_text(json.dumps(conversations))
+    return root
+
+
+def write_config(tmp_path, tiny_model_config, llava_data, **train_overrides) -> str:
+    stage = {"epochs": 3, "batch_size": 4, "lr": 3e-3, "warmup_ratio": 0.0}
+    config = {
+        "model": {"vision": {"backend": "hf", "name": tiny_model_config.vision.name},
+                  "lm": {"name": tiny_model_config.lm.name}},
+        "data": {"align": {"kind": "llava", "path": str(llava_data / "captions.json"), "image_root": str(llava_data)},
+                 "instruct": {"kind": "llava", "path": str(llava_data / "instruct.json"), "image_root": str(llava_data)},
+                 "val_fraction": 0.1},
+        "train": {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "log_every": 1,
+                  "eval_every": 5, "save_every": 4, "align": dict(stage), "instruct": dict(stage), **train_overrides},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_stage_run_writes_a_loadable_checkpoint_and_its_records(tmp_path, tiny_model_config, llava_data):
+    config = write_config(tmp_path, tiny_model_config, llava_data)
+    assert run_training(config, []) == 0
+    run = tmp_path / "run"
+    model = VisionLanguageModel.from_pretrained(run / "final")
+    assert model.config.vision.name == tiny_model_config.vision.name
+    metrics = rows(run)
+    for stage in ("align", "instruct"):
+        val = [r["val_loss"] for r in metrics if r["stage"] == stage and "val_loss" in r]
+        assert len(val) >= 3 and val[-1] < val[0]  # held-out loss: untrained baseline first, final last
+        assert len([r for r in metrics if r["stage"] == stage and "loss" in r]) >= 5
+    report = json.loads((run / "report.json").read_text())
+    assert report["samples"] > 0 and report["energy_kwh"] > 0 and report["assumptions"]["pue"] == 1.2
+    assert report["stages"]["instruct"]["skipped"] == {"missing or unreadable image": 1}
+    assert (run / "loss.png").stat().st_size > 1000
+    assert list(run.glob("tensorboard/**/events.out.tfevents.*"))
+    # A finished run refuses to be overwritten by accident.
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(config, [])
+
+
+def test_lora_stage_saves_and_reloads_the_adapter(tmp_path, tiny_model_config, llava_data, images):
+    config = write_config(tmp_path, tiny_model_config, llava_data, stage="instruct")
+    assert run_training(config, ["train.instruct.train_lm=lora", "train.instruct.epochs=1"]) == 0
+    final = tmp_path / "run" / "final"
+    assert (final / "lora" / "adapter_model.safetensors").is_file()
+    adapter = load_file(final / "lora" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # LoRA B starts at zero
+    model = VisionLanguageModel.from_pretrained(final)
+    assert model.lm_training_mode() == "lora"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.align.lr=fast", "train.align.lr must be float"),
+    ("train.bogus=1", "unknown config key 'train.bogus'"),
+    ("data.align.path=/no/such.json", "data.align.path"),
+    ("data.instruct.image_root=/no/such/dir", "data.instruct.image_root"),
+    ("train.instruct.train_lm=half", "train.instruct.train_lm"),
+])
+def test_bad_config_stops_before_any_model_loads(tmp_path, tiny_model_config, llava_data, monkeypatch, override, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(VisionLanguageModel, "from_config", no_model)
+    with pytest.raises(ConfigError, match=message):
+        run_training(write_config(tmp_path, tiny_model_config, llava_data), [override])
+
+
+def _train_command(config: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vlm.cli", "train", "--config", config, *extra]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model_config, llava_data):
+    env = {**os.environ, "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["train.instruct.epochs=12", "train.align.epochs=1", "train.save_every=3", "train.eval_every=1000"]
+    straight = write_config(tmp_path / "a", tiny_model_config, llava_data) if (tmp_path / "a").mkdir() is None else None
+    subprocess.run(_train_command(straight, *args), check=True, env=env, capture_output=True)
+
+    interrupted = write_config(tmp_path / "b", tiny_model_config, llava_data) if (tmp_path / "b").mkdir() is None else None
+    process = subprocess.Popen(_train_command(interrupted, *args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "b" / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("instruct-step-*")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "b" / "run" / "final").exists()
+    subprocess.run(_train_command(interrupted, "--resume", *args), check=True, env=env, capture_output=True)
+
+    a = load_file(tmp_path / "a" / "run" / "final" / "projector.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "final" / "projector.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_config, llava_data):
+    config = write_config(tmp_path, tiny_model_config, llava_data)
+    # accelerate's multi-process launcher; ACCELERATE_USE_CPU makes the processes join over gloo on CPUs.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm.cli", "train", "--config", config,
+         "train.align.epochs=1", "train.instruct.epochs=1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["processes"] == 2
+    VisionLanguageModel.from_pretrained(tmp_path / "run" / "final")

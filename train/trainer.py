@@ -1,0 +1,261 @@
+"""Two-stage training on accelerate: one GPU, several GPUs, a CPU, or `accelerate launch`, same code.
+
+Stage `align` trains the projector on image-caption pairs; stage `instruct` trains it (and
+optionally LoRA or the whole LM) on question/answer conversations. The vision encoder never trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from train.checkpoint import Progress, list_checkpoints, read_progress, restore_training_state, save_checkpoint
+from train.report import plot_losses, write_report
+from vlm.config import Config, ConfigError, StageConfig, load_config, to_dict
+from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler
+from vlm.data.feature_cache import FeatureCache
+from vlm.data.sources import Example, check_source, load_examples
+from vlm.model import VisionLanguageModel
+
+STAGES = {"align": ["align"], "instruct": ["instruct"], "both": ["align", "instruct"]}
+TRAIN_LM = ("none", "lora", "full")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def run_training(preset: str, overrides: list[str], stage: str | None = None, resume: bool = False) -> int:
+    config = load_config(preset, list(overrides) + ([f"train.stage={stage}"] if stage else []))
+    stages = check_config(config)
+    output_dir = Path(config.train.output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints and not resume:
+        raise ConfigError(
+            f"{output_dir} already holds a run's checkpoints; pass --resume to continue it, "
+            "or set train.output_dir=<new folder> to start another"
+        )
+
+    accelerator = Accelerator(
+        mixed_precision=_precision(config.train.mixed_precision),
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
+    set_seed(config.train.seed)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    accelerator.init_trackers("tensorboard")
+    model = VisionLanguageModel.from_config(config.model)
+    cache = FeatureCache(model.vision, config.train.cache_dir) if config.train.feature_cache else None
+    metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator)
+
+    resume_from = checkpoints[-1] if checkpoints else None
+    summaries = {}
+    for name in stages:
+        progress = read_progress(resume_from) if resume_from else None
+        if progress and stages.index(progress.stage) > stages.index(name):
+            continue  # finished before the restart; its weights come with the later checkpoint
+        if progress and progress.stage != name:
+            resume_from, progress = None, None
+        summaries[name] = train_stage(name, config, model, cache, accelerator, metrics, resume_from)
+        resume_from = None
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        final.save_pretrained(output_dir / "final")
+        plot_losses(output_dir / "metrics.jsonl", output_dir / "loss.png")
+        report = write_report(output_dir, summaries, config.train, accelerator)
+        print(f"trained projector saved to {output_dir / 'final'}\n{report}")
+    accelerator.end_training()
+    return 0
+
+
+def check_config(config: Config) -> list[str]:
+    """Everything that can be wrong with a config, checked before any model loads."""
+    t = config.train
+    if t.stage not in STAGES:
+        raise ConfigError(f"train.stage={t.stage!r} is unknown; use one of {tuple(STAGES)}")
+    if t.mixed_precision not in PRECISIONS:
+        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r} is unknown; use one of {PRECISIONS}")
+    stages = STAGES[t.stage]
+    for name in stages:
+        stage: StageConfig = getattr(t, name)
+        if stage.train_lm not in TRAIN_LM:
+            raise ConfigError(f"train.{name}.train_lm={stage.train_lm!r} is unknown; use one of {TRAIN_LM}")
+        if name == "align" and stage.train_lm != "none":
+            raise ConfigError("train.align.train_lm must be none: stage 1 trains the projector only")
+        for key in ("batch_size", "grad_accum"):
+            if getattr(stage, key) < 1:
+                raise ConfigError(f"train.{name}.{key} must be at least 1")
+        if stage.epochs <= 0 and stage.max_steps <= 0:
+            raise ConfigError(f"train.{name}: set epochs > 0 or max_steps > 0")
+        check_source(getattr(config.data, name), name)
+    if not 0 <= config.data.val_fraction < 1:
+        raise ConfigError("data.val_fraction must be in [0, 1)")
+    return stages
+
+
+def train_stage(name: str, config: Config, model: VisionLanguageModel, cache: FeatureCache | None,
+                accelerator: Accelerator, metrics: "MetricsLog", resume_from: Path | None) -> dict:
+    stage: StageConfig = getattr(config.train, name)
+    examples = load_examples(getattr(config.data, name), name)
+    train_examples, val_examples = split_holdout(examples, config.data.val_fraction, config.train.seed)
+    if cache is not None:
+        # The main process computes missing features first; the others then read its shards.
+        with accelerator.main_process_first():
+            cache.build(((e.key, e.load) for e in examples if e.load), device=accelerator.device,
+                        show_progress=accelerator.is_local_main_process)
+        cache = FeatureCache(model.vision, config.train.cache_dir)
+
+    trainable = configure_trainable(model, stage)
+    collator = Collator(model.processor, cache)
+    dataset = ConversationDataset(train_examples, model.processor, config.data.max_length)
+    sampler = LengthGroupedBatchSampler(dataset, stage.batch_size, config.train.seed,
+                                        accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=config.data.num_workers)
+    val_loader = DataLoader(ConversationDataset(val_examples, model.processor, config.data.max_length),
+                            batch_size=stage.batch_size, collate_fn=collator)
+
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(sampler) / stage.grad_accum))
+    total_steps = stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+    # The training loader stays ours (see LengthGroupedBatchSampler); accelerate wraps the rest.
+    prepared, optimizer, val_loader, scheduler = accelerator.prepare(model, optimizer, val_loader, scheduler)
+
+    progress = Progress(stage=name)
+    if resume_from is not None:
+        progress = read_progress(resume_from)
+        accelerator.unwrap_model(prepared).load_trained_weights(resume_from / "model")
+        restore_training_state(resume_from, optimizer, scheduler)
+    if progress.done:
+        return _summary(progress, collator, len(examples))
+
+    if progress.step == 0:  # the untrained baseline, so the curve shows what training bought
+        metrics.log(name, 0, {"val_loss": evaluate_loss(prepared, val_loader, accelerator)})
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"stage {name}", disable=not accelerator.is_local_main_process)
+    prepared.train()
+    started, window_samples, window_start, micro = time.time() - progress.seconds, 0, time.time(), 0
+    while progress.step < total_steps:
+        sampler.set_position(progress.epoch, progress.batches_in_epoch)
+        for batch in loader:
+            progress.batches_in_epoch += 1
+            if not batch:
+                continue
+            batch = send_to_device(batch, accelerator.device)
+            # Accumulation by hand: checkpoints fall on optimizer steps, so a resumed run restarts
+            # the count at zero exactly where the interrupted one did.
+            micro += 1
+            sync = micro % stage.grad_accum == 0
+            with nullcontext() if sync else accelerator.no_sync(prepared):
+                loss = prepared(**batch)["loss"]
+                accelerator.backward(loss / stage.grad_accum)
+            samples = len(batch["input_ids"]) * accelerator.num_processes
+            progress.samples += samples
+            window_samples += samples
+            if not sync:
+                continue
+            accelerator.clip_grad_norm_(trainable, config.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            progress.step += 1
+            progress.seconds = time.time() - started
+            bar.update(1)
+            if progress.step % config.train.log_every == 0 or progress.step == total_steps:
+                rate = window_samples / max(time.time() - window_start, 1e-9)
+                row = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": scheduler.get_last_lr()[0],
+                       "samples_per_s": rate}
+                metrics.log(name, progress.step, row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", samples_s=f"{rate:.1f}")
+                window_samples, window_start = 0, time.time()
+            if progress.step % config.train.eval_every == 0:
+                metrics.log(name, progress.step, {"val_loss": evaluate_loss(prepared, val_loader, accelerator)})
+            if progress.step % config.train.save_every == 0 and progress.step < total_steps:
+                _save(accelerator, prepared, optimizer, scheduler, progress, config)
+            if progress.step >= total_steps:
+                break
+        else:
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
+    bar.close()
+    metrics.log(name, progress.step, {"val_loss": evaluate_loss(prepared, val_loader, accelerator)})
+    progress.done = True
+    _save(accelerator, prepared, optimizer, scheduler, progress, config)
+    return _summary(progress, collator, len(examples))
+
+
+def configure_trainable(model: VisionLanguageModel, stage: StageConfig) -> list[torch.nn.Parameter]:
+    if stage.train_lm == "lora" and not hasattr(model.lm, "peft_config"):
+        from peft import LoraConfig, get_peft_model
+
+        model.lm = get_peft_model(model.lm, LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha,
+                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+    elif stage.train_lm == "full":
+        model.lm.requires_grad_(True)
+    model.projector.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for batch in loader:
+        if batch:
+            out = model(**batch)
+            total += out["loss"] * out["num_tokens"]
+            count += out["num_tokens"]
+    model.train()
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return (total / count.clamp(min=1)).item()
+
+
+def split_holdout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out whole images, so no validation image was seen in training."""
+    keys = sorted({e.key for e in examples})
+    random.Random(seed).shuffle(keys)
+    held = set(keys[: int(len(keys) * fraction)])
+    return [e for e in examples if e.key not in held], [e for e in examples if e.key in held]
+
+
+def _save(accelerator, model, optimizer, scheduler, progress: Progress, config: Config) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(Path(config.train.output_dir), accelerator.unwrap_model(model), optimizer, scheduler,
+                        progress, config.train.keep_last)
+    accelerator.wait_for_everyone()
+
+
+def _summary(progress: Progress, collator: Collator, num_examples: int) -> dict:
+    return {"steps": progress.step, "samples": progress.samples, "seconds": progress.seconds,
+            "examples": num_examples, "skipped": dict(collator.skipped)}
+
+
+def _precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting
+
+
+class MetricsLog:
+    """metrics.jsonl for scripts and plots, TensorBoard through accelerate's tracker."""
+
+    def __init__(self, path: Path, accelerator: Accelerator):
+        self.path, self.accelerator = path, accelerator
+
+    def log(self, stage: str, step: int, values: dict) -> None:
+        self.accelerator.log({f"{stage}/{k}": v for k, v in values.items()}, step=step)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **values}) + "\n")
