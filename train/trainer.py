@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -46,7 +46,8 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
 
     accelerator = Accelerator(
         mixed_precision=_precision(config.train.mixed_precision),
-        log_with="tensorboard",
+        # TensorBoard is a dependency; an environment without it (a bare GPU image) still trains.
+        log_with="tensorboard" if is_tensorboard_available() else None,
         project_dir=str(output_dir),
     )
     set_seed(config.train.seed)
@@ -54,7 +55,7 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
     if accelerator.is_main_process:
         (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     accelerator.init_trackers("tensorboard")
-    model = VisionLanguageModel.from_config(config.model)
+    model = VisionLanguageModel.from_config(config.model).to(accelerator.device)
     cache = FeatureCache(model.vision, config.train.cache_dir) if config.train.feature_cache else None
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator)
 
