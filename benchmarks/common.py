@@ -1,0 +1,230 @@
+"""Shared pieces of the benchmarks: real-architecture backbones with random weights (speed does not
+depend on the weights), the vlm model and the transformers LLaVA reference built from the same
+configs, a FLOP count for model FLOPs utilisation, timing and table printing."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Architectures of the published checkpoints (openai/clip-vit-large-patch14-336, openai/clip-vit-base-patch16,
+# HuggingFaceTB/SmolLM2-135M-Instruct, HuggingFaceTB/SmolLM2-360M-Instruct); --tiny swaps in CPU-sized ones.
+VISION = {
+    "vit-l14-336": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                        patch_size=14, image_size=336),
+    "vit-b16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    patch_size=16, image_size=224),
+}
+LMS = {
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152),
+    "smollm2-360m": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                         intermediate_size=2560, vocab_size=49152),
+}
+TINY_VISION = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, patch_size=8,
+                   image_size=32)
+TINY_LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, vocab_size=512)
+
+# Dense bf16 tensor-core peak of an H100 SXM (the datasheet figure MFU is quoted against).
+PEAK_FLOPS = 989e12
+FEATURE_LAYER = -2  # LLaVA's choice; vlm's default too
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "what is the color of the shape? red blue green yellow teal brown gray black white orange purple",
+    "what shape is in the image? circle rectangle triangle square yes no how many are there",
+    "answer the question using a single word or phrase. describe the picture in one sentence.",
+] * 20
+
+
+def vision_config(name: str, tiny: bool):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**(TINY_VISION if tiny else VISION[name]))
+
+
+def lm_config(name: str, tiny: bool, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**(TINY_LM if tiny else LMS[name]), tie_word_embeddings=True, max_position_embeddings=8192,
+                       rope_theta=100000.0, rms_norm_eps=1e-5, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def build_tokenizer():
+    """A small byte-level BPE with a ChatML template; its ids all lie inside the LM's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+def write_vision(name: str, root: Path, tiny: bool) -> Path:
+    """A random CLIP vision tower + its image processor, where vlm's hf backend loads them from."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    path = root / f"vision-{name}"
+    if not path.exists():
+        config = vision_config(name, tiny)
+        CLIPVisionModel(config).save_pretrained(path)
+        size = config.image_size
+        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(path)
+    return path
+
+
+def write_lm(name: str, root: Path, tiny: bool) -> Path:
+    """A random Llama with SmolLM2's shape and a chat-template tokenizer, saved in bf16."""
+    from transformers import LlamaForCausalLM
+
+    path = root / f"lm-{name}"
+    if not path.exists():
+        tokenizer = build_tokenizer()
+        LlamaForCausalLM(lm_config(name, tiny, tokenizer)).to(torch.bfloat16).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def build_vlm(vision_dir: Path, lm_dir: Path, device: str):
+    """vlm through its own loading path; frozen backbones in bf16, the projector in fp32."""
+    from vlm.config import LMConfig, ModelConfig, VisionConfig
+    from vlm.model import VisionLanguageModel
+
+    config = ModelConfig(vision=VisionConfig(backend="hf", name=str(vision_dir), feature_layer=FEATURE_LAYER),
+                         lm=LMConfig(name=str(lm_dir), dtype="bfloat16"))
+    model = VisionLanguageModel.from_config(config).to(device)
+    model.vision.to(torch.bfloat16)
+    return model
+
+
+def build_llava(vision_name: str, lm_name: str, tiny: bool, image_token_id: int, device: str):
+    """transformers' LLaVA from the same configs: bf16 backbones, fp32 projector, only the projector trainable."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    config = LlavaConfig(vision_config=vision_config(vision_name, tiny), text_config=lm_config(lm_name, tiny, tokenizer),
+                         projector_hidden_act="gelu", vision_feature_layer=FEATURE_LAYER,
+                         vision_feature_select_strategy="default", image_token_index=image_token_id)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    model.to(torch.bfloat16).requires_grad_(False)
+    model.model.multi_modal_projector.float().requires_grad_(True)
+    return model
+
+
+def add_lora(lm: torch.nn.Module) -> None:
+    """LoRA r=16 on the LM's attention projections, adapters in fp32 (the same call on both sides)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), lm)
+    for name, p in lm.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+
+
+# ---- model FLOPs ---------------------------------------------------------------------------------
+
+def vision_forward_flops(config, layers: int) -> float:
+    """One image through patch embedding and `layers` transformer blocks (matmuls + attention)."""
+    d, ff = config.hidden_size, config.intermediate_size
+    patches = (config.image_size // config.patch_size) ** 2
+    tokens = patches + 1
+    patch_embed = 2 * patches * 3 * config.patch_size**2 * d
+    block = 2 * tokens * (4 * d * d + 2 * d * ff) + 4 * tokens**2 * d
+    return patch_embed + layers * block
+
+
+def lm_forward_flops(config, tokens: int) -> tuple[float, float]:
+    """(linear-layer FLOPs, causal-attention FLOPs) of one sequence through the decoder blocks."""
+    d, ff = config.hidden_size, config.intermediate_size
+    kv = d // config.num_attention_heads * config.num_key_value_heads
+    linear = config.num_hidden_layers * 2 * tokens * (2 * d * d + 2 * d * kv + 3 * d * ff)
+    attention = config.num_hidden_layers * 2 * tokens**2 * d  # QK^T and AV, half the square (causal)
+    return linear, attention
+
+
+def train_flops_per_sample(vision_cfg, lm_cfg, seq_len: int, image_tokens: int, supervised: int,
+                           cached: bool, lora_r: int = 0) -> float:
+    """Model FLOPs one training sample needs, the same count for vlm and LLaVA.
+
+    forward: vision blocks up to the feature layer (none with cached features), projector, decoder,
+    LM head at the supervised positions (all the loss needs). backward: projector and LoRA 2x their
+    forward (input and weight gradients); frozen decoder linears and LM head 1x (input gradients only);
+    attention 2x.
+    """
+    d_lm = lm_cfg.hidden_size
+    vision = 0.0 if cached else vision_forward_flops(vision_cfg, vision_cfg.num_hidden_layers + 1 + FEATURE_LAYER)
+    projector = 2 * image_tokens * (vision_cfg.hidden_size * d_lm + d_lm * d_lm)
+    linear, attention = lm_forward_flops(lm_cfg, seq_len)
+    head = 2 * supervised * d_lm * lm_cfg.vocab_size
+    kv = d_lm // lm_cfg.num_attention_heads * lm_cfg.num_key_value_heads
+    lora = lm_cfg.num_hidden_layers * 2 * seq_len * lora_r * (2 * (d_lm + d_lm) + 2 * (d_lm + kv))
+    return vision + 3 * projector + 2 * linear + 3 * attention + 2 * head + 3 * lora
+
+
+# ---- timing and reporting ------------------------------------------------------------------------
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Seconds per call of fn, averaged over `repeats` calls after the caller's warm-up."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def reset_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
+def describe_device(device: str) -> str:
+    import transformers
+
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()})"
+    return (f"{where}; torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """A Markdown table, ready to paste into docs/benchmarks.md."""
+    cells = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join(" --- " for _ in columns) + "|")
+    for line in cells:
+        print("| " + " | ".join(line) + " |")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
