@@ -15,9 +15,10 @@ from vlm.config import ConfigError
 from vlm.images import ImageError, load_image
 from vlm.processor import PromptError
 
-# Answers generated at once. Generation on one shared model is thread-safe (same greedy answers
-# as one at a time, checked in tests/test_demo.py); on a 2-core CPU two or four at once finish in
-# about the time they take in turn, and nobody waits for a whole answer before their text starts.
+# Answers generated at once on the one shared model (thread-safe: the same greedy answers as one at
+# a time, checked in tests/test_demo.py). On the offline default on 2 CPU cores, 2 at once nearly
+# double the total tokens/s and 4 keep 90% of that while each user's text still starts within a
+# second (benchmarks/demo_latency.py, numbers in the README).
 CONCURRENT_ANSWERS = 4
 EXAMPLES = [
     ("shape_0.png", "What shape is in the image?"),
