@@ -1,7 +1,7 @@
 """Time to first token and tokens/s of the demo's answers, for the model `vlm demo` would load.
 
-    python benchmarks/demo_latency.py                      # offline default on CPU
-    python benchmarks/demo_latency.py --device cuda --users 1 4
+    python -m benchmarks.demo_latency                      # offline default on CPU
+    python -m benchmarks.demo_latency --device cuda --users 1 4
 
 Each answer is forced to --max-new-tokens tokens (greedy), so tokens/s does not depend on where
 the model chooses to stop. Time to first token runs from the request (image preprocessing and
@@ -20,6 +20,7 @@ import time
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.common import describe_device, print_table
 from demo.app import EXAMPLES
 from vlm.cli import EXAMPLES_DIR, load_model
 from vlm.images import load_image
@@ -47,8 +48,7 @@ def one_answer(model, image, question: str, max_new_tokens: int) -> dict:
     clock = TokenClock()
     model.generate(**batch, streamer=clock, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
     first, last = clock.times[0], clock.times[-1]
-    return {"ttft": first - start, "rate": (len(clock.times) - 1) / (last - first), "tokens": len(clock.times),
-            "seconds": last - start, "prompt": batch["input_ids"].shape[1]}
+    return {"ttft": first - start, "rate": (len(clock.times) - 1) / (last - first), "tokens": len(clock.times)}
 
 
 def together(model, requests, max_new_tokens: int) -> tuple[list[dict], float]:
@@ -86,25 +86,26 @@ def main(argv=None) -> int:
     requests = [(load_image(EXAMPLES_DIR / name), question) for name, question in EXAMPLES]
     one_answer(model, *requests[0], max_new_tokens=4)  # first call pays one-off allocation and kernel selection
 
-    print(f"model: {model.config.vision.backend}:{model.config.vision.name} + {model.config.lm.name}; "
+    print(describe_device(args.device))
+    print(f"{model.config.vision.backend}:{model.config.vision.name} + {model.config.lm.name}; "
           f"{announced[-1].removeprefix('loading ')}")
-    print(f"device: {args.device} ({torch.get_num_threads()} CPU threads); loaded in {load_s:.1f} s; "
-          f"{args.max_new_tokens} new tokens per answer, {args.runs} rounds of {len(requests)} example questions\n")
-    print("| users at once | answers | prompt tokens | time to first token, s (median / max) "
-          "| tokens/s per user (median) | tokens/s all users |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"{torch.get_num_threads()} CPU threads; loaded in {load_s:.1f} s; {args.max_new_tokens} new tokens per answer, "
+          f"{args.runs} rounds of {len(requests)} example questions\n")
+    rows = []
     for users in args.users:
         answers, totals = [], []
-        for round_ in range(args.runs):
+        for _ in range(args.runs):
             for i in range(0, len(requests), users):
                 group = [requests[(i + j) % len(requests)] for j in range(users)]
                 results, total = together(model, group, args.max_new_tokens)
                 answers += results
                 totals.append(total)
         ttft = [a["ttft"] for a in answers]
-        print(f"| {users} | {len(answers)} | {min(a['prompt'] for a in answers)}-{max(a['prompt'] for a in answers)} "
-              f"| {statistics.median(ttft):.2f} / {max(ttft):.2f} | {statistics.median(a['rate'] for a in answers):.1f} "
-              f"| {statistics.median(totals):.1f} |")
+        rows.append({"users at once": users, "answers": len(answers),
+                     "time to first token s (median)": statistics.median(ttft), "(max)": max(ttft),
+                     "tokens/s per user (median)": statistics.median(a["rate"] for a in answers),
+                     "tokens/s all users": statistics.median(totals)})
+    print_table(rows, list(rows[0]))
     return 0
 
 
