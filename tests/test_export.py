@@ -146,11 +146,14 @@ def test_open_clip_tower_is_refused_with_the_reason(tiny_open_clip, tiny_lm_dir,
     assert not (tmp_path / "out").exists()
 
 
-def test_token_compression_is_refused_with_the_reason(tiny_model_config, tmp_path):
-    config = ModelConfig(vision=tiny_model_config.vision, lm=tiny_model_config.lm,
-                         projector=ProjectorConfig(compress="pool", num_tokens=4))
+@pytest.mark.parametrize("projector, reason", [
+    (ProjectorConfig(compress="pool", num_tokens=4), "compress=pool"),
+    (ProjectorConfig(norm="layernorm"), "norm=layernorm"),
+])
+def test_projector_llava_cannot_express_is_refused_with_the_reason(tiny_model_config, tmp_path, projector, reason):
+    config = ModelConfig(vision=tiny_model_config.vision, lm=tiny_model_config.lm, projector=projector)
     checkpoint(config, tmp_path / "ckpt")
-    with pytest.raises(ConfigError, match="compress=pool"):
+    with pytest.raises(ConfigError, match=reason):
         export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
 
 

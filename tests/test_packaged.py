@@ -23,13 +23,16 @@ def test_packaged_lm_answers_a_text_question(offline_model):
     assert "Paris" in answer
 
 
-def test_packaged_encoder_sees_a_real_photo(offline_model):
+def test_packaged_encoder_sees_a_real_photo():
     from skimage import data
 
-    encoder = offline_model.vision
+    from vlm.config import VisionConfig
+    from vlm.vision import build_vision_encoder
+
+    encoder = build_vision_encoder(VisionConfig(backend="efficientnet", name="efficientnet-lite0"))
     pixels = encoder.preprocess([Image.fromarray(data.chelsea())])
     features = encoder(pixels)
-    assert features.shape == (1, 49, 1280)
+    assert features.shape == (1, 49, 1280)  # 224 px in, a 7x7 map of 1280-channel features out
     # The encoder's own ImageNet head on its pooled features must recognise the cat:
     # proof that weights and preprocessing are the ones the CNN was trained with.
     logits = encoder.tower._fc(features.mean(1))

@@ -33,3 +33,11 @@ def test_pool_averages_regions():
 def test_bad_projector_settings_name_the_key(config, match):
     with pytest.raises(ConfigError, match=match):
         Projector(config, 3, 8, num_patches=16)
+
+
+def test_layernorm_makes_the_projection_blind_to_feature_offset_and_scale():
+    projector = Projector(ProjectorConfig(type="linear", norm="layernorm"), 6, 4, num_patches=4)
+    features = torch.randn(2, 4, 6)
+    torch.testing.assert_close(projector(features), projector(features * 5 + 3), atol=1e-4, rtol=1e-4)
+    plain = Projector(ProjectorConfig(type="linear"), 6, 4, num_patches=4)
+    assert not torch.allclose(plain(features), plain(features * 5 + 3))

@@ -119,6 +119,8 @@ def train_stage(name: str, config: Config, model: VisionLanguageModel, cache: Fe
         cache = FeatureCache(model.vision, config.train.cache_dir)
 
     trainable = configure_trainable(model, stage)
+    if config.train.compile:
+        model.compile_for_training()
     collator = Collator(model.processor, cache)
     dataset = ConversationDataset(train_examples, model.processor, config.data.max_length)
     sampler = LengthGroupedBatchSampler(dataset, stage.batch_size, config.train.seed,

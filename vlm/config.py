@@ -45,6 +45,9 @@ class ProjectorConfig:
     compress: str = "none"  # none | pixel_shuffle | pool
     factor: int = 2  # pixel_shuffle: merge factor x factor neighbouring patches into one token
     num_tokens: int = 16  # pool: number of image tokens after adaptive pooling
+    # layernorm: normalise each image feature before projecting (as Qwen2-VL's merger does). CNN
+    # features share a large common component that otherwise swamps what differs between images.
+    norm: str = "none"  # none | layernorm
 
 
 @dataclass
@@ -112,6 +115,9 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2
     feature_cache: bool = True
+    # torch.compile the tower blocks and the LM decoder for training steps: pays off on long GPU
+    # runs (docs/benchmarks.md), costs a minute or more of compiling up front.
+    compile: bool = False
     cache_dir: str | None = None  # None = <user cache>/vlm/features
     # Energy estimate: device power x wall time x PUE x grid intensity.
     device_watts: float = 0.0  # 0 = a default for the device type (see train/report.py)

@@ -125,6 +125,12 @@ def check_exportable(config, checkpoint: Path) -> None:
             f"(model.projector.compress={config.projector.compress}), which LLaVA in transformers has no way to do; "
             "train with compress=none to export"
         )
+    if config.projector.norm != "none":
+        raise ConfigError(
+            f"cannot export {checkpoint}: its projector normalises features first "
+            f"(model.projector.norm={config.projector.norm}), which LLaVA's projector has no layer for; "
+            "train with norm=none to export"
+        )
     extra = sorted(
         str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")
         if p.suffix in (".safetensors", ".bin") and p != checkpoint / PROJECTOR_FILE

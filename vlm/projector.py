@@ -12,6 +12,7 @@ from vlm.config import ConfigError, ProjectorConfig
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 COMPRESSIONS = ("none", "pixel_shuffle", "pool")
+NORMS = ("none", "layernorm")
 
 
 def _grid_side(num_patches: int) -> int:
@@ -31,6 +32,8 @@ class Projector(nn.Module):
             raise ConfigError(f"model.projector.type={config.type!r} is unknown; use one of {PROJECTOR_TYPES}")
         if config.compress not in COMPRESSIONS:
             raise ConfigError(f"model.projector.compress={config.compress!r} is unknown; use one of {COMPRESSIONS}")
+        if config.norm not in NORMS:
+            raise ConfigError(f"model.projector.norm={config.norm!r} is unknown; use one of {NORMS}")
         self.config = config
         self.num_patches = num_patches
         in_dim = vision_dim
@@ -50,6 +53,7 @@ class Projector(nn.Module):
                     f"model.projector.num_tokens={config.num_tokens} must be a square number "
                     f"no larger than the encoder's {num_patches} patches, e.g. 16 or 64"
                 )
+        self.norm = nn.LayerNorm(in_dim) if config.norm == "layernorm" else nn.Identity()
         if config.type == "linear":
             self.proj = nn.Linear(in_dim, lm_dim)
         else:
@@ -79,4 +83,4 @@ class Projector(nn.Module):
         return pooled.flatten(2).transpose(1, 2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.compress(features))
+        return self.proj(self.norm(self.compress(features)))
