@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from vlm.testing import tiny_chat_tokenizer
+
 # Architectures of the published checkpoints (openai/clip-vit-large-patch14-336, openai/clip-vit-base-patch16,
 # HuggingFaceTB/SmolLM2-135M-Instruct, HuggingFaceTB/SmolLM2-360M-Instruct); --tiny swaps in CPU-sized ones.
 VISION = {
@@ -34,17 +36,6 @@ TINY_LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_k
 PEAK_FLOPS = 989e12
 FEATURE_LAYER = -2  # LLaVA's choice; vlm's default too
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "what is the color of the shape? red blue green yellow teal brown gray black white orange purple",
-    "what shape is in the image? circle rectangle triangle square yes no how many are there",
-    "answer the question using a single word or phrase. describe the picture in one sentence.",
-] * 20
-
-
 def vision_config(name: str, tiny: bool):
     from transformers import CLIPVisionConfig
 
@@ -57,21 +48,6 @@ def lm_config(name: str, tiny: bool, tokenizer):
     return LlamaConfig(**(TINY_LM if tiny else LMS[name]), tie_word_embeddings=True, max_position_embeddings=8192,
                        rope_theta=100000.0, rms_norm_eps=1e-5, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-
-
-def build_tokenizer():
-    """A small byte-level BPE with a ChatML template; its ids all lie inside the LM's vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", chat_template=CHATML)
 
 
 def write_vision(name: str, root: Path, tiny: bool) -> Path:
@@ -93,7 +69,7 @@ def write_lm(name: str, root: Path, tiny: bool) -> Path:
 
     path = root / f"lm-{name}"
     if not path.exists():
-        tokenizer = build_tokenizer()
+        tokenizer = tiny_chat_tokenizer()
         LlamaForCausalLM(lm_config(name, tiny, tokenizer)).to(torch.bfloat16).save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path
@@ -115,7 +91,7 @@ def build_llava(vision_name: str, lm_name: str, tiny: bool, image_token_id: int,
     """transformers' LLaVA from the same configs: bf16 backbones, fp32 projector, only the projector trainable."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    tokenizer = build_tokenizer()
+    tokenizer = tiny_chat_tokenizer()
     config = LlavaConfig(vision_config=vision_config(vision_name, tiny), text_config=lm_config(lm_name, tiny, tokenizer),
                          projector_hidden_act="gelu", vision_feature_layer=FEATURE_LAYER,
                          vision_feature_select_strategy="default", image_token_index=image_token_id)

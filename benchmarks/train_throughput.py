@@ -28,7 +28,6 @@ from benchmarks.common import (
     build_vlm,
     describe_device,
     lm_config,
-    build_tokenizer,
     peak_memory_gib,
     print_table,
     reset_memory,
@@ -39,6 +38,7 @@ from benchmarks.common import (
     write_lm,
     write_vision,
 )
+from vlm.testing import tiny_chat_tokenizer
 
 START = time.perf_counter()
 PREFIX, ANSWER, SUFFIX = 5, 8, 3
@@ -100,7 +100,7 @@ def profile(step, device: str, path: Path) -> None:
 def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
     device = args.device
     vision_dir, lm_dir = write_vision(vision_name, root, args.tiny), write_lm(lm_name, root, args.tiny)
-    vcfg, lcfg = vision_config(vision_name, args.tiny), lm_config(lm_name, args.tiny, build_tokenizer())
+    vcfg, lcfg = vision_config(vision_name, args.tiny), lm_config(lm_name, args.tiny, tiny_chat_tokenizer())
     image_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
     seq = image_tokens + args.text_tokens
     label = f"{vision_name} + {lm_name}"

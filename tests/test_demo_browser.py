@@ -32,6 +32,7 @@ def test_upload_an_image_ask_and_see_the_answer_stream_in(demo_url, tmp_path):
             page = browser.new_page()
             page.goto(demo_url)
             expect(page.locator("#status")).to_contain_text(CHECKPOINT_LABEL)
+            expect(page.locator("#chat")).to_be_attached()  # the observer below needs the chat rendered
             page.evaluate(RECORD_ANSWER_TEXTS)
             page.set_input_files("#question input[type=file]", str(EXAMPLES_DIR / "shape_0.png"))
             page.fill("#question textarea", "What shape is in the image?")
