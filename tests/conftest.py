@@ -27,17 +27,22 @@ def tiny_lm_dir(tmp_path_factory):
     return path
 
 
+def save_tiny_tower(path, model_class, config_class, processor):
+    """A 3-layer, 24-wide vision tower on 32 px images (4x4 patches of 8 px) with its image processor."""
+    torch.manual_seed(0)
+    tower = model_class(config_class(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                                     num_attention_heads=4, image_size=32, patch_size=8))
+    tower.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    torch.manual_seed(0)
-    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
-                                             num_attention_heads=4, image_size=32, patch_size=8))
-    path = tmp_path_factory.mktemp("tiny_clip")
-    tower.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return save_tiny_tower(tmp_path_factory.mktemp("tiny_clip"), CLIPVisionModel, CLIPVisionConfig, processor)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
+from conftest import save_tiny_tower
 from vlm.cli import main
 from vlm.config import ConfigError, LMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from vlm.export import export_llava
@@ -14,13 +15,8 @@ QUESTION = "what shape is in the image?"
 def tiny_siglip_dir(tmp_path_factory):
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    torch.manual_seed(0)
-    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=3,
-                                                 num_attention_heads=4, image_size=32, patch_size=8))
-    path = tmp_path_factory.mktemp("tiny_siglip")
-    tower.save_pretrained(path)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    return save_tiny_tower(tmp_path_factory.mktemp("tiny_siglip"), SiglipVisionModel, SiglipVisionConfig, processor)
 
 
 @pytest.fixture(scope="module")
