@@ -18,37 +18,11 @@ import threading
 import time
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
-from benchmarks.common import describe_device, print_table
+from benchmarks.common import describe_device, print_table, timed_answer
 from demo.app import EXAMPLES
 from vlm.cli import EXAMPLES_DIR, load_model
 from vlm.images import load_image
-
-
-class TokenClock(BaseStreamer):
-    """Records when each generated token leaves generate(); the first put() is the prompt."""
-
-    def __init__(self):
-        self.prompt_seen = False
-        self.times: list[float] = []
-
-    def put(self, value):
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self):
-        pass
-
-
-def one_answer(model, image, question: str, max_new_tokens: int) -> dict:
-    start = time.perf_counter()
-    batch = model.prepare([image], [[{"role": "user", "content": question}]])
-    clock = TokenClock()
-    model.generate(**batch, streamer=clock, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens)
-    first, last = clock.times[0], clock.times[-1]
-    return {"ttft": first - start, "rate": (len(clock.times) - 1) / (last - first), "tokens": len(clock.times)}
 
 
 def together(model, requests, max_new_tokens: int) -> tuple[list[dict], float]:
@@ -56,9 +30,9 @@ def together(model, requests, max_new_tokens: int) -> tuple[list[dict], float]:
     results: list[dict] = [{}] * len(requests)
     barrier = threading.Barrier(len(requests))
 
-    def run(i, image, question):
+    def run(i, image, conversation):
         barrier.wait()
-        results[i] = one_answer(model, image, question, max_new_tokens)
+        results[i] = timed_answer(model, image, conversation, max_new_tokens)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
@@ -83,8 +57,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model = load_model(args.checkpoint, args.config, announce=announced.append).to(args.device).eval()
     load_s = time.perf_counter() - start
-    requests = [(load_image(EXAMPLES_DIR / name), question) for name, question in EXAMPLES]
-    one_answer(model, *requests[0], max_new_tokens=4)  # first call pays one-off allocation and kernel selection
+    requests = [(load_image(EXAMPLES_DIR / name), [{"role": "user", "content": question}]) for name, question in EXAMPLES]
+    timed_answer(model, *requests[0], new_tokens=4)  # first call pays one-off allocation and kernel selection
 
     print(describe_device(args.device))
     print(f"{model.config.vision.backend}:{model.config.vision.name} + {model.config.lm.name}; "

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from benchmarks.common import LMS, VISION, build_vlm, describe_device, print_table, synchronize, write_lm, write_vision
+from benchmarks.common import (LMS, VISION, build_vlm, describe_device, print_table, synchronize, timed_answer,
+                               write_lm, write_vision)
 
 QUESTIONS = ["What color is the shape?", "What shape is in the image?", "How many objects are there?",
              "Is there a circle in the picture?"]
@@ -48,36 +49,14 @@ def questions_per_second(model, images, conversations, batch: int, new_tokens: i
 
 
 def stream_latency(model, image, conversation, new_tokens: int, repeats: int) -> dict:
-    """The demo's path (prepare + generate with a streamer, as `stream_chat` runs it): seconds from the
-    image and question to the first generated token, then decoding tokens/s (medians).
-
-    Token arrival is read from the streamer hook rather than from decoded text: most ids of the
-    random-weight LM lie outside the small benchmark tokenizer and decode to nothing.
-    """
+    """Medians of `timed_answer` over `repeats` runs after one warm-up."""
     import statistics
-    import time
-
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):  # the first call carries the (empty) prompt ids, then one per new token
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
 
     first, rates = [], []
     for _ in range(repeats + 1):  # the first run warms up
-        clock = Clock()
-        start = time.perf_counter()
-        model.generate(**model.prepare([image], [conversation]), streamer=clock, max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens)
-        tokens = clock.times[1:]
-        first.append(tokens[0] - start)
-        rates.append((len(tokens) - 1) / (tokens[-1] - tokens[0]))
+        answer = timed_answer(model, image, conversation, new_tokens)
+        first.append(answer["ttft"])
+        rates.append(answer["rate"])
     return {"time to first token ms": 1e3 * statistics.median(first[1:]), "tokens/s": statistics.median(rates[1:])}
 
 

@@ -21,10 +21,10 @@ import numpy as np
 
 from vlm.config import ConfigError
 from vlm.data.easy_vqa import easy_vqa_questions
+from vlm.data.sources import LOCAL_FORMATS
 from vlm.images import ImageError, load_image
 from vlm.prompts import MULTIPLE_CHOICE, SHORT_ANSWER
 
-LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 # Chain-of-thought mode replaces LLaVA's direct-answer suffix; the final line is then
 # read back with vlm.metrics.extract_final_answer.
