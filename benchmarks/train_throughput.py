@@ -75,9 +75,9 @@ def make_step(model, loss_fn, device: str):
 
 
 def measure(step, device: str, args, profile_to: Path | None = None) -> dict:
+    reset_memory(device)  # before the warm-up: the peak covers the first step's optimizer state
     for _ in range(args.warmup):
         step()
-    reset_memory(device)  # the peak then covers weights, optimizer state and one step's activations
     seconds = timed(step, device, args.steps)
     memory = peak_memory_gib(device)
     if profile_to is not None:
@@ -120,7 +120,7 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
     for stage in args.stages:
         lora_r = 16 if stage == 2 else 0
         if "llava" in args.systems:
-            reset_memory(device)
+            reset_memory(device, forget_compiled=True)
             llava = build_llava(vision_name, lm_name, args.tiny, image_token_id=_image_token_id(lm_dir), device=device)
             if stage == 2:
                 add_lora(llava.model.language_model)
@@ -131,7 +131,7 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
                    False, lora_r)
             del llava, step
         for system in [name for name in ("vlm", "vlm compiled") if name in args.systems]:
-            reset_memory(device)
+            reset_memory(device, forget_compiled=True)
             model = build_vlm(vision_dir, lm_dir, device)
             if stage == 2:
                 add_lora(model.lm)

@@ -115,7 +115,13 @@ def test_two_users_at_once_both_get_their_own_answers(demo_url, demo_model):
 
 def test_a_user_who_leaves_mid_answer_stops_the_generation(demo_url, demo_model):
     steps = []
-    hook = demo_model.lm.register_forward_hook(lambda *_: steps.append(1))
+
+    def count_a_slow_step(*_):
+        # A tiny LM could otherwise finish all 500 tokens before the cancel lands on a busy machine.
+        steps.append(1)
+        time.sleep(0.01)
+
+    hook = demo_model.lm.register_forward_hook(count_a_slow_step)
     try:
         job = connect(demo_url).submit({"text": "what shape is it?", "files": [handle_file(str(SHAPE))]},
                                        max_new_tokens=500, api_name="/chat")

@@ -37,6 +37,18 @@ def test_loss_on_supervised_positions_equals_the_lms_own_loss(tiny_model, images
     assert ours["num_tokens"] == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_loss_on_a_padded_batch_equals_the_lms_own_loss_with_its_mask(tiny_model, images, padding_side):
+    # Right pads come after every real token, so the loss may skip the mask; left pads may not be skipped.
+    batch = tiny_model.processor.pad([tiny_model.processor.encode(c) for c in QA], padding_side=padding_side)
+    batch["pixel_values"] = tiny_model.processor.image_transform(images[:2])
+    assert not batch["attention_mask"].all()
+    ours = tiny_model(**batch)
+    embeds = tiny_model.embed(batch["input_ids"], tiny_model.image_embeddings(batch["pixel_values"]))
+    reference = tiny_model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    torch.testing.assert_close(ours["loss"], reference.loss)
+
+
 def test_splice_puts_each_image_feature_at_its_placeholder(tiny_model, images):
     batch = training_batch(tiny_model, images)
     image_embeds = tiny_model.image_embeddings(batch["pixel_values"])
@@ -114,3 +126,28 @@ def test_stream_chat_yields_the_same_text_as_chat(tiny_model, images):
     question = [{"role": "user", "content": "what shape?"}]
     streamed = "".join(tiny_model.stream_chat(images[0], question, max_new_tokens=8))
     assert streamed.strip() == tiny_model.chat([images[0]], [question], max_new_tokens=8)[0]
+
+
+def test_compiled_training_on_length_buckets_matches_eager(tiny_model_config, images):
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(VisionLanguageModel.from_config(tiny_model_config))
+    eager, compiled = models
+    compiled.compile_for_training()
+    encoded = [eager.processor.encode(c) for c in QA]
+    pixels = eager.processor.image_transform(images[:2])
+    for model, multiple in ((eager, None), (compiled, 64)):
+        model.train()
+        optimizer = torch.optim.SGD(model.projector.parameters(), lr=0.1)
+        model.losses = []
+        for _ in range(2):  # the second step runs on weights the first one updated
+            loss = model(**model.processor.pad(encoded, pad_to_multiple_of=multiple), pixel_values=pixels)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            model.losses.append(loss.detach())
+    padded = compiled.processor.pad(encoded, pad_to_multiple_of=64)["input_ids"].shape[1]
+    assert padded % 64 == 0 and padded > max(len(e.input_ids) for e in encoded)
+    torch.testing.assert_close(compiled.losses, eager.losses)
+    torch.testing.assert_close(compiled.projector.state_dict(), eager.projector.state_dict())

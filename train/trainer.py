@@ -26,7 +26,7 @@ from vlm.config import Config, ConfigError, StageConfig, load_config, to_dict
 from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler
 from vlm.data.feature_cache import FeatureCache
 from vlm.data.sources import Example, check_source, load_examples
-from vlm.model import VisionLanguageModel
+from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
 
 STAGES = {"align": ["align"], "instruct": ["instruct"], "both": ["align", "instruct"]}
 TRAIN_LM = ("none", "lora", "full")
@@ -121,7 +121,7 @@ def train_stage(name: str, config: Config, model: VisionLanguageModel, cache: Fe
     trainable = configure_trainable(model, stage)
     if config.train.compile:
         model.compile_for_training()
-    collator = Collator(model.processor, cache)
+    collator = Collator(model.processor, cache, PAD_MULTIPLE_COMPILED if config.train.compile else None)
     dataset = ConversationDataset(train_examples, model.processor, config.data.max_length)
     sampler = LengthGroupedBatchSampler(dataset, stage.batch_size, config.train.seed,
                                         accelerator.process_index, accelerator.num_processes)

@@ -82,9 +82,13 @@ class VLMProcessor:
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def pad(self, batch: list[Encoded], padding_side: str = "right") -> dict[str, torch.Tensor]:
-        """Pad to the longest; left padding for generation so every prompt ends at the last column."""
+    def pad(self, batch: list[Encoded], padding_side: str = "right", pad_to_multiple_of: int | None = None
+            ) -> dict[str, torch.Tensor]:
+        """Pad to the longest, rounded up to `pad_to_multiple_of`; left padding for generation so every
+        prompt ends at the last column."""
         longest = max(len(e.input_ids) for e in batch)
+        if pad_to_multiple_of:
+            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
         pad_id = self.tokenizer.pad_token_id
         ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)

@@ -48,9 +48,10 @@ class ConversationDataset(Dataset):
 
 
 class Collator:
-    def __init__(self, processor: VLMProcessor, cache: FeatureCache | None):
+    def __init__(self, processor: VLMProcessor, cache: FeatureCache | None, pad_to_multiple_of: int | None = None):
         self.processor = processor
         self.cache = cache
+        self.pad_to_multiple_of = pad_to_multiple_of
         self._skipped: dict[str, set[int]] = defaultdict(set)
 
     @property
@@ -74,7 +75,7 @@ class Collator:
             kept.append(item["encoded"])
         if not kept:
             return {}
-        batch = self.processor.pad(kept)
+        batch = self.processor.pad(kept, pad_to_multiple_of=self.pad_to_multiple_of)
         if images and self.cache:
             batch["image_features"] = torch.stack(images)
         elif images:
