@@ -151,3 +151,11 @@ def test_compiled_training_on_length_buckets_matches_eager(tiny_model_config, im
     assert padded % 64 == 0 and padded > max(len(e.input_ids) for e in encoded)
     torch.testing.assert_close(compiled.losses, eager.losses)
     torch.testing.assert_close(compiled.projector.state_dict(), eager.projector.state_dict())
+
+    # Generation stays eager: a KV cache changes shape every token, and each new shape would compile.
+    from torch._dynamo.utils import counters
+
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    questions = [[QA[0][0]], [QA[1][0]]]
+    assert compiled.chat(images[:2], questions, max_new_tokens=4) == eager.chat(images[:2], questions, max_new_tokens=4)
+    assert counters["stats"]["unique_graphs"] == compiled_graphs

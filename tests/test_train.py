@@ -92,6 +92,21 @@ def test_lora_stage_saves_and_reloads_the_adapter(tmp_path, tiny_model_config, l
     assert model.lm_training_mode() == "lora"
 
 
+def test_compiled_run_learns_what_the_eager_run_learns(tmp_path, tiny_model_config, llava_data, monkeypatch):
+    # Compiled blocks must never fall back to eager silently (dynamo's recompile limit) or change the numbers.
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    val_losses = []
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        out.mkdir()
+        config = write_config(out, tiny_model_config, llava_data, compile=compiled)
+        assert run_training(config, ["train.instruct.train_lm=lora"]) == 0
+        val_losses.append([r["val_loss"] for r in rows(out / "run") if "val_loss" in r])
+    eager, compiled = val_losses
+    assert len(eager) >= 6 and eager[-1] < eager[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.align.lr=fast", "train.align.lr must be float"),
     ("train.bogus=1", "unknown config key 'train.bogus'"),

@@ -119,9 +119,10 @@ def train_stage(name: str, config: Config, model: VisionLanguageModel, cache: Fe
         cache = FeatureCache(model.vision, config.train.cache_dir)
 
     trainable = configure_trainable(model, stage)
-    if config.train.compile:
+    compiled = config.train.compile if config.train.compile is not None else accelerator.device.type == "cuda"
+    if compiled:
         model.compile_for_training()
-    collator = Collator(model.processor, cache, PAD_MULTIPLE_COMPILED if config.train.compile else None)
+    collator = Collator(model.processor, cache, PAD_MULTIPLE_COMPILED if compiled else None)
     dataset = ConversationDataset(train_examples, model.processor, config.data.max_length)
     sampler = LengthGroupedBatchSampler(dataset, stage.batch_size, config.train.seed,
                                         accelerator.process_index, accelerator.num_processes)

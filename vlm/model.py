@@ -37,7 +37,7 @@ class VisionLanguageModel(nn.Module):
         self.lm = lm
         self.projector = Projector(config.projector, vision.hidden_size, lm.config.hidden_size, vision.num_patches)
         self.processor = VLMProcessor(tokenizer, vision.preprocess, self.projector.num_tokens)
-        self._loss_decoder = None  # set by compile_for_training()
+        self.compiled = False  # set by compile_for_training()
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VisionLanguageModel":
@@ -52,22 +52,33 @@ class VisionLanguageModel(nn.Module):
         return self
 
     def compile_for_training(self) -> None:
-        """torch.compile what a training step runs: each block of the vision tower, and the LM decoder as one graph.
+        """torch.compile each block of the vision tower and of the LM decoder; decoder blocks run as CUDA graphs.
 
         Small backbones leave a step bound by Python and kernel launches rather than FLOPs: an eager
         block launches dozens of small elementwise kernels, and even compiled, a 135M decoder's
-        forward and backward are 400+ separate matmul launches. The decoder therefore also runs as
-        CUDA graphs ("reduce-overhead"). A graph is recorded per batch shape, so training batches
-        pad their length to a multiple of PAD_MULTIPLE_COMPILED. The compiled decoder serves
-        forward()'s loss path only; generation keeps the eager one, whose KV-cache shapes change at
-        every step. Call it after adding LoRA.
+        forward and backward are 400+ separate matmul launches; CUDA graphs ("reduce-overhead")
+        launch each block's work at once. The vision tower stays without them: HF towers keep every
+        block's output for the feature layer, and a replay of the shared block graph overwrites them.
+        Blocks, not the whole decoder: compiled as one graph, the
+        decoder builds an explicit causal mask (transformers cannot skip it while tracing on torch
+        < 2.14), and SDPA with a mask ran at half speed on the H100. Per block, the mask is decided
+        eagerly and SDPA runs its causal kernel; one compile also serves every block, so compiling
+        takes seconds, not a minute (docs/benchmarks.md, runs 3 and 4).
+
+        A graph is recorded per batch shape, so training batches pad their length to a multiple of
+        PAD_MULTIPLE_COMPILED. Generation runs the blocks eagerly: its KV-cache shapes change at
+        every step. Call this after adding LoRA.
         """
-        for stack in self.vision.tower.modules():
-            if isinstance(stack, nn.ModuleList) and len({type(block) for block in stack}) == 1:
-                for block in stack:
-                    block.compile()
-        # Kept out of the module tree, so parameters() and state_dict() do not list the decoder twice.
-        object.__setattr__(self, "_loss_decoder", torch.compile(self.lm.get_decoder(), mode="reduce-overhead"))
+        # One compiled frame serves the blocks of both towers, with and without grad, before and after
+        # LoRA, at several shapes. Past dynamo's default of 8 variants it silently runs the rest eagerly
+        # (an easy-VQA run on the H100 hit it).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for part, mode in ((self.vision.tower, None), (self.lm.get_decoder(), "reduce-overhead")):
+            for stack in part.modules():
+                if isinstance(stack, nn.ModuleList) and len({type(block) for block in stack}) == 1:
+                    for block in stack:
+                        block.compile(mode=mode)
+        self.compiled = True
 
     @property
     def tokenizer(self):
@@ -127,12 +138,9 @@ class VisionLanguageModel(nn.Module):
             attention_mask = None
         image_embeds = self.image_embeddings(pixel_values, image_features) if has_images else None
         embeds = self.embed(input_ids, image_embeds)
-        if self._loss_decoder is None:
-            decoder = self.lm.get_decoder()
-        else:
+        if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done with
-            decoder = self._loss_decoder
-        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
         logits = self.lm.get_output_embeddings()(hidden[rows, cols]).float()
         loss = F.cross_entropy(logits, targets[rows, cols])
         return {"loss": loss, "num_tokens": supervised.sum()}
@@ -154,6 +162,7 @@ class VisionLanguageModel(nn.Module):
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # see compile_for_training()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None, **generate_kwargs):
         """New token ids only. Greedy by default; pass do_sample/temperature/top_p to sample."""
         has_images = pixel_values is not None or image_features is not None
