@@ -128,11 +128,31 @@ def test_stream_chat_yields_the_same_text_as_chat(tiny_model, images):
     assert streamed.strip() == tiny_model.chat([images[0]], [question], max_new_tokens=8)[0]
 
 
-def test_compiled_training_on_length_buckets_matches_eager(tiny_model_config, images):
+def tiny_qwen2_dir(path):
+    """Qwen2 (the clip-l336-qwen2.5-0.5b preset's LM architecture): another mask builder than Llama's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from vlm.testing import tiny_chat_tokenizer
+
+    tokenizer = tiny_chat_tokenizer()
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("backbones", ["hf-clip + llama", "open_clip + qwen2"])
+def test_compiled_training_on_length_buckets_matches_eager(tiny_model_config, tiny_open_clip, images, tmp_path, backbones):
+    config = tiny_model_config
+    if backbones == "open_clip + qwen2":
+        name, weights = tiny_open_clip
+        config = ModelConfig(vision=VisionConfig(backend="open_clip", name=name, pretrained=weights),
+                             projector=tiny_model_config.projector, lm=LMConfig(name=str(tiny_qwen2_dir(tmp_path / "qwen2"))))
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(VisionLanguageModel.from_config(tiny_model_config))
+        models.append(VisionLanguageModel.from_config(config))
     eager, compiled = models
     compiled.compile_for_training()
     encoded = [eager.processor.encode(c) for c in QA]
