@@ -57,13 +57,13 @@ class VisionLanguageModel(nn.Module):
         Small backbones leave a step bound by Python and kernel launches rather than FLOPs: an eager
         block launches dozens of small elementwise kernels, and even compiled, a 135M decoder's
         forward and backward are 400+ separate matmul launches; CUDA graphs ("reduce-overhead")
-        launch each block's work at once. The vision tower stays without them: HF towers keep every
-        block's output for the feature layer, and a replay of the shared block graph overwrites them.
-        Blocks, not the whole decoder: compiled as one graph, the
-        decoder builds an explicit causal mask (transformers cannot skip it while tracing on torch
-        < 2.14), and SDPA with a mask ran at half speed on the H100. Per block, the mask is decided
-        eagerly and SDPA runs its causal kernel; one compile also serves every block, so compiling
-        takes seconds, not a minute (docs/benchmarks.md, runs 3 and 4).
+        launch each block's work at once. Blocks rather than the whole decoder: traced as one graph,
+        the decoder builds an explicit causal mask (transformers cannot skip it while tracing on
+        torch < 2.14), and SDPA with a mask ran at half speed on the H100. Per block, eager code
+        decides the mask and SDPA keeps its causal kernel; one compile also serves every block, so
+        compiling takes seconds, not a minute (docs/benchmarks.md, "How the compiled step got here").
+        The vision tower runs without CUDA graphs: HF towers keep every block's output for the
+        feature layer, and a replay of the shared block graph overwrites them.
 
         A graph is recorded per batch shape, so training batches pad their length to a multiple of
         PAD_MULTIPLE_COMPILED. Generation runs the blocks eagerly: its KV-cache shapes change at
