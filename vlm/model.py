@@ -90,8 +90,11 @@ class VisionLanguageModel(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def image_embeddings(self, pixel_values=None, image_features=None) -> torch.Tensor:
-        """[num_images, num_image_tokens, lm_hidden] from pixels, or from cached encoder features."""
+    def image_embeddings(self, pixel_values=None, image_features=None) -> torch.Tensor | None:
+        """[num_images, num_image_tokens, lm_hidden] from pixels, or from cached encoder features;
+        None for a text-only batch."""
+        if pixel_values is None and image_features is None:
+            return None
         if image_features is None:
             image_features = self.vision(pixel_values)
         return self.projector(image_features.to(next(self.projector.parameters()).dtype))
@@ -121,9 +124,8 @@ class VisionLanguageModel(nn.Module):
         most of a VQA sequence, never meet the vocabulary-sized matrix: the LM head of a small LM
         is a fifth of its FLOPs, and full-sequence fp32 logits dominate activation memory.
         """
-        has_images = pixel_values is not None or image_features is not None
         if labels is None:
-            embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features) if has_images else None)
+            embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
             return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         # Everything that needs the host to read GPU values happens here, while the GPU queue is
         # short. Selecting supervised positions after the decoder made the host wait for the whole
@@ -136,8 +138,7 @@ class VisionLanguageModel(nn.Module):
             # loss reads; without it the decoder runs SDPA's causal kernel, not an explicit mask (faster
             # backward, and compiled code would otherwise materialise the mask).
             attention_mask = None
-        image_embeds = self.image_embeddings(pixel_values, image_features) if has_images else None
-        embeds = self.embed(input_ids, image_embeds)
+        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done with
         hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -165,8 +166,7 @@ class VisionLanguageModel(nn.Module):
     @torch.compiler.set_stance("force_eager")  # see compile_for_training()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None, **generate_kwargs):
         """New token ids only. Greedy by default; pass do_sample/temperature/top_p to sample."""
-        has_images = pixel_values is not None or image_features is not None
-        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features) if has_images else None)
+        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
         generate_kwargs.setdefault("max_new_tokens", 64)
         generate_kwargs.setdefault("do_sample", False)
         if not generate_kwargs["do_sample"]:
