@@ -64,6 +64,17 @@ def test_feature_cache_stores_encoder_output_and_reuses_it(tiny_model, images, t
     assert calls == [] and "img3" in reopened
 
 
+def test_feature_cache_opened_before_another_process_built_it_computes_nothing_again(tiny_model, images, tmp_path):
+    # accelerate's other processes open the cache, then build after the main process wrote its shards.
+    items = [(f"img{i}", (lambda im=im: im)) for i, im in enumerate(images)]
+    opened_early = FeatureCache(tiny_model.vision, tmp_path)
+    FeatureCache(tiny_model.vision, tmp_path).build(items, show_progress=False)
+    calls = []
+    opened_early.build([(key, lambda: calls.append(1)) for key, _ in items], show_progress=False)
+    assert calls == [] and all(key in opened_early for key, _ in items)
+    assert len(list(tmp_path.glob("*/shard-*.json"))) == 1
+
+
 def test_collator_skips_and_counts_unreadable_images(tiny_model, tmp_path):
     from vlm.data.sources import Example
     from vlm.images import load_image

@@ -112,11 +112,10 @@ def train_stage(name: str, config: Config, model: VisionLanguageModel, cache: Fe
     examples = load_examples(getattr(config.data, name), name)
     train_examples, val_examples = split_holdout(examples, config.data.val_fraction, config.train.seed)
     if cache is not None:
-        # The main process computes missing features first; the others then read its shards.
+        # The main process computes missing features first; the others then find them in its shards.
         with accelerator.main_process_first():
             cache.build(((e.key, e.load) for e in examples if e.load), device=accelerator.device,
                         show_progress=accelerator.is_local_main_process)
-        cache = FeatureCache(model.vision, config.train.cache_dir)
 
     trainable = configure_trainable(model, stage)
     compiled = config.train.compile if config.train.compile is not None else accelerator.device.type == "cuda"

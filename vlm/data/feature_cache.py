@@ -30,11 +30,16 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "encoder.txt").write_text(encoder.identity)
         self._index: dict[str, tuple[np.ndarray, int]] = {}
+        self._shards: set[str] = set()
         self.failed: set[str] = set()
         self._load_shards()
 
     def _load_shards(self) -> None:
+        """Index the shards written since the last look, by this process or another."""
         for keys_file in sorted(self.dir.glob("shard-*.json")):
+            if keys_file.name in self._shards:
+                continue
+            self._shards.add(keys_file.name)
             array = np.load(keys_file.with_suffix(".npy"), mmap_mode="r")
             entry = json.loads(keys_file.read_text())
             self.failed.update(entry["failed"])
@@ -49,6 +54,7 @@ class FeatureCache:
 
     def build(self, items: Iterable[tuple[str, Callable]], batch_size: int = 64, device=None, show_progress=True) -> None:
         """Compute features for every (key, load_image) not cached yet; unreadable images are recorded in `failed`."""
+        self._load_shards()  # in a multi-process run, the main process has just written them
         todo = {key: load for key, load in items if key not in self._index and key not in self.failed}
         if not todo:
             return
@@ -86,6 +92,7 @@ class FeatureCache:
         tmp = self.dir / f".{name}.json.tmp"
         tmp.write_text(json.dumps({"keys": keys, "failed": failed}))
         os.replace(tmp, self.dir / f"{name}.json")
+        self._shards.add(f"{name}.json")
         array = np.load(npy, mmap_mode="r")
         for row, key in enumerate(keys):
             self._index[key] = (array, row)
