@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlm.model import replace_dir
+
 
 @dataclass
 class Progress:
@@ -45,9 +47,7 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, progress: Pro
     save_file(rng, staging / "rng.safetensors")
     (staging / "progress.json").write_text(json.dumps(asdict(progress), indent=2))
     target = root / name
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    replace_dir(staging, target)
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old)
     return target

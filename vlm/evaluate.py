@@ -23,11 +23,11 @@ from vlm.metrics import (
     exact_match,
     extract_choice,
     extract_final_answer,
-    pope_scores,
+    pope_says_yes,
     summarize,
     vqa_accuracy,
 )
-from vlm.model import CONFIG_FILE
+from vlm.model import CONFIG_FILE, read_checkpoint_config
 
 DEFAULT_MAX_NEW_TOKENS = 16  # LLaVA-1.5's and lmms-eval's budget for short answers
 COT_MAX_NEW_TOKENS = 256  # room for the reasoning before the final answer
@@ -101,8 +101,7 @@ def _checkpoint_dir(checkpoint: str | None) -> Path:
             f"checkpoint folder {path} does not exist; pass --checkpoint DIR "
             "(train one with `vlm train --config offline`)"
         )
-    if not (path / CONFIG_FILE).is_file():
-        raise ConfigError(f"{path} is not a vlm checkpoint (no {CONFIG_FILE}); pass the folder `vlm train` wrote")
+    read_checkpoint_config(path)  # a folder that is no checkpoint fails here, before any data loads
     return path
 
 
@@ -177,11 +176,11 @@ def score(metric: str, items: list[dict], seed: int = 0) -> dict:
 
 
 def _pope(items: list[dict], seed: int) -> dict:
-    # pope_scores on one item reads back its yes/no decision (yes_ratio) and correctness (accuracy).
     for item in items:
-        single = pope_scores([item["prediction"]], [item["label"]])
-        item["says_yes"] = single["yes_ratio"] == 1.0
-        item["score"] = single["accuracy"]
+        if item["label"] not in ("yes", "no"):
+            raise ValueError(f"POPE labels are 'yes' or 'no', got {item['label']!r}")
+        item["says_yes"] = pope_says_yes(item["prediction"])
+        item["score"] = float(item["says_yes"] == (item["label"] == "yes"))
     says_yes = np.array([i["says_yes"] for i in items])
     positive = np.array([i["label"] == "yes" for i in items])
     correct = says_yes == positive

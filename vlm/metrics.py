@@ -162,7 +162,7 @@ def exact_match(prediction: str, answer: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(answer))
 
 
-def _pope_says_yes(prediction: str) -> bool:
+def pope_says_yes(prediction: str) -> bool:
     # LLaVA's eval_pope.py, the script behind the published POPE numbers: keep the
     # first sentence, and answer 'no' iff it contains the word "no" or "not",
     # 'yes' otherwise (so an empty or off-topic reply counts as 'yes'). Matching on
@@ -193,7 +193,7 @@ def pope_scores(predictions: list[str], labels: list[str]) -> dict:
         label = label.strip().lower()
         if label not in ("yes", "no"):
             raise ValueError(f"POPE labels are 'yes' or 'no', got {label!r}")
-        says_yes = _pope_says_yes(prediction)
+        says_yes = pope_says_yes(prediction)
         if label == "yes":
             tp += says_yes
             fn += not says_yes
