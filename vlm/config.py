@@ -127,20 +127,10 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    benchmark: str = "easy_vqa"
-    limit: int = 1000
-    seed: int = 0
-    batch_size: int = 32
-    max_new_tokens: int = 16
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def preset_names() -> list[str]:
@@ -157,7 +147,7 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] | tuple[
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, eval:)")
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:)")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

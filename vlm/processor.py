@@ -25,7 +25,6 @@ class PromptError(ValueError):
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    num_images: int
 
 
 class VLMProcessor:
@@ -49,7 +48,6 @@ class VLMProcessor:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
-        num_images = sum(m["content"].count(IMAGE_TOKEN) for m in messages if isinstance(m.get("content"), str))
         if max_length is not None and len(input_ids) > max_length:
             image_positions = [i for i, t in enumerate(input_ids) if t == self.image_token_id]
             if image_positions and image_positions[-1] >= max_length:
@@ -58,7 +56,7 @@ class VLMProcessor:
                     "raise data.max_length or compress image tokens (model.projector.compress)"
                 )
             input_ids, labels = input_ids[:max_length], labels[:max_length]
-        return Encoded(input_ids, labels, num_images)
+        return Encoded(input_ids, labels)
 
     def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         render = self._render
