@@ -60,7 +60,9 @@ def write_vision(name: str, root: Path, tiny: bool) -> Path:
         config = vision_config(name, tiny)
         CLIPVisionModel(config).save_pretrained(path)
         size = config.image_size
-        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(path)
+        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+            path
+        )
     return path
 
 
@@ -93,9 +95,14 @@ def build_llava(vision_name: str, lm_name: str, tiny: bool, image_token_id: int,
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = tiny_chat_tokenizer()
-    config = LlavaConfig(vision_config=vision_config(vision_name, tiny), text_config=lm_config(lm_name, tiny, tokenizer),
-                         projector_hidden_act="gelu", vision_feature_layer=FEATURE_LAYER,
-                         vision_feature_select_strategy="default", image_token_index=image_token_id)
+    config = LlavaConfig(
+        vision_config=vision_config(vision_name, tiny),
+        text_config=lm_config(lm_name, tiny, tokenizer),
+        projector_hidden_act="gelu",
+        vision_feature_layer=FEATURE_LAYER,
+        vision_feature_select_strategy="default",
+        image_token_index=image_token_id,
+    )
     with torch.device(device):
         model = LlavaForConditionalGeneration(config)
     model.to(torch.bfloat16).requires_grad_(False)
@@ -107,7 +114,9 @@ def add_lora(lm: torch.nn.Module) -> None:
     """LoRA r=16 on the LM's attention projections, adapters in fp32 (the same call on both sides)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), lm)
+    inject_adapter_in_model(
+        LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), lm
+    )
     for name, p in lm.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
@@ -193,7 +202,11 @@ def peak_memory_gib(device: str) -> float:
 def describe_device(device: str) -> str:
     import transformers
 
-    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()})"
+    where = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     return (f"{where}; torch {torch.__version__}, transformers {transformers.__version__}; "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
 

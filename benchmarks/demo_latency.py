@@ -20,9 +20,10 @@ import time
 import torch
 
 from benchmarks.common import describe_device, print_table, timed_answer
-from demo.app import EXAMPLES
-from vlm.cli import EXAMPLES_DIR, load_model
+from vlm.demo.app import EXAMPLES
+from vlm.files import EXAMPLES_DIR
 from vlm.images import load_image
+from vlm.model import load_model
 
 
 def together(model, requests, max_new_tokens: int) -> tuple[list[dict], float]:
@@ -57,14 +58,19 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model = load_model(args.checkpoint, args.config, announce=announced.append).to(args.device).eval()
     load_s = time.perf_counter() - start
-    requests = [(load_image(EXAMPLES_DIR / name), [{"role": "user", "content": question}]) for name, question in EXAMPLES]
+    requests = [
+        (load_image(EXAMPLES_DIR / name), [{"role": "user", "content": question}]) for name, question in EXAMPLES
+    ]
     timed_answer(model, *requests[0], new_tokens=4)  # first call pays one-off allocation and kernel selection
 
     print(describe_device(args.device))
     print(f"{model.config.vision.backend}:{model.config.vision.name} + {model.config.lm.name}; "
           f"{announced[-1].removeprefix('loading ')}")
-    print(f"{torch.get_num_threads()} CPU threads; loaded in {load_s:.1f} s; {args.max_new_tokens} new tokens per answer, "
-          f"{args.runs} rounds of {len(requests)} example questions\n")
+    print(
+        f"{torch.get_num_threads()} CPU threads; loaded in {load_s:.1f} s; "
+        f"{args.max_new_tokens} new tokens per answer, "
+        f"{args.runs} rounds of {len(requests)} example questions\n"
+    )
     rows = []
     for users in args.users:
         answers, totals = [], []

@@ -20,8 +20,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from benchmarks.common import (LMS, VISION, build_vlm, describe_device, print_table, synchronize, timed_answer,
-                               write_lm, write_vision)
+from benchmarks.common import (
+    LMS,
+    VISION,
+    build_vlm,
+    describe_device,
+    print_table,
+    synchronize,
+    timed_answer,
+    write_lm,
+    write_vision,
+)
 
 QUESTIONS = ["What color is the shape?", "What shape is in the image?", "How many objects are there?",
              "Is there a circle in the picture?"]
@@ -29,7 +38,9 @@ QUESTIONS = ["What color is the shape?", "What shape is in the image?", "How man
 
 def make_questions(n: int) -> tuple[list[Image.Image], list[list[dict]]]:
     g = torch.Generator().manual_seed(0)
-    images = [Image.fromarray(torch.randint(0, 256, (480, 640, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(n)]
+    images = [
+        Image.fromarray(torch.randint(0, 256, (480, 640, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(n)
+    ]
     conversations = [[{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} Answer with a single word."}]
                      for i in range(n)]
     return images, conversations
@@ -79,14 +90,25 @@ def main(argv=None) -> None:
         root = Path(tmp)
         model = build_vlm(write_vision(args.vision, root, args.tiny), write_lm(args.lm, root, args.tiny), args.device)
     model.eval()
-    print(f"{args.vision} + {args.lm}{' (tiny configs)' if args.tiny else ''}, bf16 backbones, greedy, {args.new_tokens} new tokens per answer", flush=True)
+    print(
+        f"{args.vision} + {args.lm}{' (tiny configs)' if args.tiny else ''}, bf16 backbones, greedy, "
+        f"{args.new_tokens} new tokens per answer",
+        flush=True,
+    )
 
     images, conversations = make_questions(max(args.questions, *args.batches))
     rows = []
     for batch in args.batches:
         n = max(batch, args.questions)
         rate = questions_per_second(model, images[:n], conversations[:n], batch, args.new_tokens, args.device)
-        rows.append({"batch": batch, "questions": n, "questions/s": rate, "vs per-sample loop": rate / rows[0]["questions/s"] if rows else 1.0})
+        rows.append(
+            {
+                "batch": batch,
+                "questions": n,
+                "questions/s": rate,
+                "vs per-sample loop": rate / rows[0]["questions/s"] if rows else 1.0,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     latency = stream_latency(model, images[0], conversations[0], args.stream_tokens, repeats=5)
     print(json.dumps(latency), flush=True)

@@ -86,7 +86,8 @@ def measure(step, device: str, args, profile_to: Path | None = None) -> dict:
 
 
 def profile(step, device: str, path: Path) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with torch_profile(activities=activities) as prof:
@@ -126,9 +127,16 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
                 add_lora(llava.model.language_model)
             _print_attention("llava", llava.config.vision_config, llava.config.text_config)
             batch = make_batch(args.batch, image_tokens, args.text_tokens, _image_token_id(lm_dir), device)
-            step = make_step(llava, lambda: llava(**batch, pixel_values=pixels.to(torch.bfloat16)).loss, device)
-            record("llava (transformers)", stage, measure(step, device, args, _profile_path(profiles, f"llava_s{stage}")),
-                   False, lora_r)
+            step = make_step(
+                llava, lambda m=llava, b=batch: m(**b, pixel_values=pixels.to(torch.bfloat16)).loss, device
+            )
+            record(
+                "llava (transformers)",
+                stage,
+                measure(step, device, args, _profile_path(profiles, f"llava_s{stage}")),
+                False,
+                lora_r,
+            )
             del llava, step
         for system in [name for name in ("vlm", "vlm compiled") if name in args.systems]:
             reset_memory(device, forget_compiled=True)
@@ -140,10 +148,12 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
                 model.compile_for_training()
             batch = make_batch(args.batch, image_tokens, args.text_tokens, model.processor.image_token_id, device)
             tag = system.replace(" ", "_")
-            step = make_step(model, lambda: model(**batch, pixel_values=pixels)["loss"], device)
-            record(system, stage, measure(step, device, args, _profile_path(profiles, f"{tag}_s{stage}")), False, lora_r)
+            step = make_step(model, lambda m=model, b=batch: m(**b, pixel_values=pixels)["loss"], device)
+            record(
+                system, stage, measure(step, device, args, _profile_path(profiles, f"{tag}_s{stage}")), False, lora_r
+            )
             features = model.vision(pixels)  # what the feature cache hands the model: bf16 [B, N, D]
-            step = make_step(model, lambda: model(**batch, image_features=features)["loss"], device)
+            step = make_step(model, lambda m=model, b=batch, f=features: m(**b, image_features=f)["loss"], device)
             record(system + " + feature cache", stage,
                    measure(step, device, args, _profile_path(profiles, f"{tag}_cache_s{stage}")), True, lora_r)
             del model, step, features
@@ -155,8 +165,9 @@ def _print_attention(system: str, vision, text) -> None:
 
 
 def _image_token_id(lm_dir: Path) -> int:
-    from vlm.language_model import IMAGE_TOKEN, prepare_tokenizer
     from transformers import AutoTokenizer
+
+    from vlm.language_model import IMAGE_TOKEN, prepare_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     prepare_tokenizer(tokenizer)
@@ -191,7 +202,9 @@ def parse_pair(text: str) -> tuple[str, str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=parse_pair, nargs="+", default=[parse_pair(f"{v}:{l}") for v in VISION for l in LMS])
+    parser.add_argument(
+        "--pairs", type=parse_pair, nargs="+", default=[parse_pair(f"{v}:{l}") for v in VISION for l in LMS]
+    )
     parser.add_argument("--stages", type=int, nargs="+", choices=[1, 2], default=[1, 2])
     # "vlm compiled": after VisionLanguageModel.compile_for_training() (a minute of compiling per model).
     parser.add_argument("--systems", nargs="+", choices=["llava", "vlm", "vlm compiled"],

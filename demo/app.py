@@ -10,9 +10,10 @@ import gradio as gr
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from vlm.cli import EXAMPLES_DIR, load_model
 from vlm.config import ConfigError
+from vlm.files import EXAMPLES_DIR
 from vlm.images import ImageError, load_image
+from vlm.model import VisionLanguageModel, load_model
 from vlm.processor import PromptError
 
 # Answers generated at once on the one shared model (thread-safe: the same greedy answers as one at
@@ -29,24 +30,26 @@ EXAMPLES = [
 NO_IMAGE = "Upload an image (or pick an example below), then ask a question about it."
 
 
-def launch(args) -> int:
+def launch(checkpoint: str | None = None, config: str | None = None, *, host: str = "127.0.0.1", port: int = 7860,
+           share: bool = False) -> int:
+    """Serve the chat app for a checkpoint (default: the trained offline run), or for an untrained preset."""
     announced: list[str] = []
 
     def announce(message: str) -> None:
         announced.append(message)
         print(message, file=sys.stderr)
 
-    model = load_model(args.checkpoint, args.config, announce=announce)
+    model = load_model(checkpoint, config, announce=announce)
     app = build_app(model, announced[-1].removeprefix("loading "))
     try:
-        app.launch(server_name=args.host, server_port=args.port, share=args.share)
+        app.launch(server_name=host, server_port=port, share=share)
     except OSError as e:
         # gradio's message names its own launch() arguments; the user needs the CLI flag.
-        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({str(e).split('. ')[0]}); pass a free --port") from None
+        raise ConfigError(f"cannot serve on {host}:{port} ({str(e).split('. ')[0]}); pass a free --port") from None
     return 0
 
 
-def build_app(model, checkpoint_label: str) -> gr.Blocks:
+def build_app(model: VisionLanguageModel, checkpoint_label: str) -> gr.Blocks:
     """The chat app for one loaded model; `checkpoint_label` says which projector it carries."""
     config = model.config
     status = (f"**Encoder** `{config.vision.backend}:{config.vision.name}` · **LM** `{config.lm.name}` · "
@@ -61,7 +64,14 @@ def build_app(model, checkpoint_label: str) -> gr.Blocks:
                 # Read as bytes so the message names "the upload", not gradio's temporary path.
                 image = load_image(upload.read_bytes())
             except ImageError as e:
-                yield [_says("user", f"Uploaded {upload.name}"), _says("assistant", f"Sorry, {e}. Please try another image.")], None, None
+                yield (
+                    [
+                        _says("user", f"Uploaded {upload.name}"),
+                        _says("assistant", f"Sorry, {e}. Please try another image."),
+                    ],
+                    None,
+                    None,
+                )
                 return
             session = {"image": image, "upload": str(upload), "messages": []}
         if session is None:

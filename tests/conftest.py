@@ -53,8 +53,11 @@ def tiny_open_clip(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny_open_clip")
     name = "vlm-test-tiny-vit"
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
-              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
     (path / f"{name}.json").write_text(json.dumps(config))
     open_clip.add_model_config(path)
     torch.manual_seed(0)
@@ -86,7 +89,9 @@ def images():
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
-    return [Image.fromarray(torch.randint(0, 255, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(4)]
+    return [
+        Image.fromarray(torch.randint(0, 255, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(4)
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +105,24 @@ def benchmark_data(tmp_path_factory):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build(tmp_path_factory.mktemp("benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def demo_model(tiny_model_config):
+    from vlm.model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    return VisionLanguageModel.from_config(tiny_model_config)
+
+
+@pytest.fixture(scope="module")
+def demo_url(demo_model):
+    """The demo app on a tiny random model, served on a free loopback port for a test module."""
+    from demo_server import CHECKPOINT_LABEL, free_port
+
+    from vlm.demo.app import build_app
+
+    app = build_app(demo_model, CHECKPOINT_LABEL)
+    _, url, _ = app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    app.close()

@@ -36,3 +36,50 @@ def test_yaml_file_errors(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def _option_sets(cls=None, prefix=""):
+    """Every field declared as a Literal option set, with its valid values, found by walking the config."""
+    import dataclasses
+    import typing
+
+    from vlm.config import Config
+
+    cls = cls or Config
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _option_sets(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is typing.Literal:
+            yield f"{prefix}{f.name}", typing.get_args(tp)
+
+
+OPTION_SETS = list(_option_sets())
+
+
+def test_the_option_sets_are_declared():
+    keys = {key for key, _ in OPTION_SETS}
+    assert {"model.vision.backend", "model.projector.type", "model.projector.compress", "model.projector.norm",
+            "model.lm.dtype", "data.align.kind", "train.instruct.train_lm", "train.stage",
+            "train.mixed_precision"} <= keys
+
+
+@pytest.mark.parametrize("key, valid", OPTION_SETS, ids=[key for key, _ in OPTION_SETS])
+def test_a_bad_option_stops_before_any_model_loads(key, valid, monkeypatch, capsys):
+    from vlm.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model loaded before the bad option was reported")
+
+    for loader in ("vlm.model.build_vision_encoder", "vlm.model.load_language_model",
+                   "vlm.model.VisionLanguageModel.from_config"):
+        monkeypatch.setattr(loader, no_loading)
+    typo = valid[0][:-1] + "x"
+    assert main(["train", "--config", "offline", f"{key}={typo}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err and all(v in err for v in valid)
+    assert f"did you mean {valid[0]!r}" in err
+
+
+def test_a_folder_named_by_a_number_is_a_path():
+    assert load_config("offline", ["train.output_dir=2024"]).train.output_dir == "2024"

@@ -20,7 +20,9 @@ def test_llava_records_become_chat_messages_with_the_image_first(tmp_path):
         {"id": "2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
     ]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    examples = load_examples(DataSource(kind="llava", path=str(tmp_path / "data.json"), image_root=str(tmp_path)), "instruct")
+    examples = load_examples(
+        DataSource(kind="llava", path=str(tmp_path / "data.json"), image_root=str(tmp_path)), "instruct"
+    )
     assert [m["role"] for m in examples[0].messages] == ["user", "assistant", "user", "assistant"]
     assert examples[0].messages[0]["content"] == "What is it?\n<image>"
     assert examples[0].load().size == (8, 8)
@@ -31,9 +33,15 @@ def test_hf_source_maps_columns_and_picks_the_most_common_answer(tmp_path):
     import datasets
 
     image = Image.new("RGB", (8, 8), (255, 0, 0))
-    rows = {"img": [image, image], "q": ["What colour?", "How many?"], "answers": [["red", "red", "pink"], ["2", "two", "2"]]}
+    rows = {
+        "img": [image, image],
+        "q": ["What colour?", "How many?"],
+        "answers": [["red", "red", "pink"], ["2", "two", "2"]],
+    }
     datasets.Dataset.from_dict(rows).cast_column("img", datasets.Image()).to_parquet(str(tmp_path / "vqa.parquet"))
-    source = DataSource(kind="hf", path=str(tmp_path / "vqa.parquet"), columns={"image": "img", "question": "q", "answer": "answers"})
+    source = DataSource(
+        kind="hf", path=str(tmp_path / "vqa.parquet"), columns={"image": "img", "question": "q", "answer": "answers"}
+    )
     examples = load_examples(source, "instruct")
     assert examples[0].messages == [{"role": "user", "content": f"<image>\nWhat colour?\n{SHORT_ANSWER}"},
                                     {"role": "assistant", "content": "red"}]
@@ -82,7 +90,9 @@ def test_collator_skips_and_counts_unreadable_images(tiny_model, tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
     messages = [{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "yes"}]
-    examples = [Example(str(p), (lambda p=p: load_image(p)), messages) for p in (tmp_path / "bad.png", tmp_path / "good.png")]
+    examples = [
+        Example(str(p), (lambda p=p: load_image(p)), messages) for p in (tmp_path / "bad.png", tmp_path / "good.png")
+    ]
     dataset = ConversationDataset(examples, tiny_model.processor, max_length=128)
     collator = Collator(tiny_model.processor, cache=None)
     batch = collator([dataset[0], dataset[1]])

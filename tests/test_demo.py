@@ -1,5 +1,6 @@
 """`vlm demo` served on 127.0.0.1 and driven through gradio_client, as a remote user's program would."""
 
+import itertools
 import socket
 import subprocess
 import sys
@@ -9,12 +10,13 @@ import time
 import httpx
 import pytest
 import yaml
+from bad_images import WHAT_THE_USER_IS_TOLD, broken_images, odd_images
+from demo_server import CHECKPOINT_LABEL, free_port
 from gradio_client import Client, handle_file
 
-from bad_images import WHAT_THE_USER_IS_TOLD, broken_images, odd_images
-from demo.app import NO_IMAGE
-from demo_server import CHECKPOINT_LABEL, demo_model, demo_url, free_port  # noqa: F401 (fixtures)
-from vlm.cli import EXAMPLES_DIR, main
+from vlm.cli import main
+from vlm.demo.app import NO_IMAGE
+from vlm.files import EXAMPLES_DIR
 from vlm.images import load_image
 
 SHAPE, OTHER_SHAPE = EXAMPLES_DIR / "shape_0.png", EXAMPLES_DIR / "shape_10.png"
@@ -109,7 +111,7 @@ def test_two_users_at_once_both_get_their_own_answers(demo_url, demo_model):
     finally:
         hook.remove()
     assert answers == [expected_answer(demo_model, image, ["what shape is it?"], 48) for image in (SHAPE, OTHER_SHAPE)]
-    switches = sum(a != b for a, b in zip(threads_per_step, threads_per_step[1:]))
+    switches = sum(a != b for a, b in itertools.pairwise(threads_per_step))
     assert switches >= 2, "the two answers were generated one after the other, not together"
 
 
@@ -157,8 +159,11 @@ def tiny_preset(tmp_path, tiny_model_config):
 def test_vlm_demo_without_a_checkpoint_serves_and_says_how_to_train_one(tiny_preset, tmp_path):
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "vlm.cli", "demo", "--config", str(tiny_preset), "--port", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vlm.cli", "demo", "--config", str(tiny_preset), "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120

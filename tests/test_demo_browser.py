@@ -1,15 +1,23 @@
 """One visit in headless Chromium (Debian's package, driven by playwright): upload, ask, watch the answer stream in."""
 
+import itertools
 import shutil
 import time
 
+from demo_server import CHECKPOINT_LABEL
 from playwright.sync_api import expect, sync_playwright
 
-from demo_server import CHECKPOINT_LABEL, demo_model, demo_url  # noqa: F401 (fixtures)
-from vlm.cli import EXAMPLES_DIR
+from vlm.files import EXAMPLES_DIR
 
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # Every text the answer bubble shows, recorded by the page itself so no streamed step is missed between polls.
 RECORD_ANSWER_TEXTS = """() => {
   window.answerTexts = [];
@@ -23,7 +31,9 @@ RECORD_ANSWER_TEXTS = """() => {
 
 def test_upload_an_image_ask_and_see_the_answer_stream_in(demo_url, tmp_path):
     chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is not installed; the README's test step installs it (apt-get install -y chromium)"
+    assert chromium, (
+        "Debian's chromium is not installed; the README's test step installs it (apt-get install -y chromium)"
+    )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=chromium,
                                                                 headless=True, args=CHROMIUM_FLAGS,
@@ -43,7 +53,7 @@ def test_upload_an_image_ask_and_see_the_answer_stream_in(demo_url, tmp_path):
         finally:
             browser.close()
     assert len(texts) >= 3, f"the answer appeared in {len(texts)} step(s), not streamed: {texts}"
-    assert all(len(a) < len(b) for a, b in zip(texts, texts[1:])), "the streamed answer did not only grow"
+    assert all(len(a) < len(b) for a, b in itertools.pairwise(texts)), "the streamed answer did not only grow"
     print(f"screenshot: {tmp_path / 'demo.png'}; answer steps: {[len(t) for t in texts]}")
 
 

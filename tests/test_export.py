@@ -1,8 +1,8 @@
 import huggingface_hub.constants
 import pytest
 import torch
-
 from conftest import save_tiny_tower
+
 from vlm.cli import main
 from vlm.config import ConfigError, LMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from vlm.export import export_llava

@@ -137,7 +137,7 @@ def test_pope_scores_on_hand_built_confusion_matrix():
         "There is no bench.",
     ]
     labels = ["yes"] * 5 + ["No"] * 5
-    scores = pope_scores(predictions, labels)
+    scores = {name: m["value"] for name, m in pope_scores(predictions, labels).items()}
     # TP=3 FN=2 FP=1 TN=4, N=10
     assert scores["accuracy"] == pytest.approx(7 / 10)
     assert scores["precision"] == pytest.approx(3 / 4)
@@ -148,7 +148,7 @@ def test_pope_scores_on_hand_built_confusion_matrix():
 
 
 def test_pope_scores_all_no_predictions_give_zero_precision_and_f1():
-    scores = pope_scores(["no", "no"], ["yes", "no"])
+    scores = {name: m["value"] for name, m in pope_scores(["no", "no"], ["yes", "no"]).items()}
     assert scores == {
         "accuracy": 0.5,
         "precision": 0.0,

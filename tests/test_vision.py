@@ -42,8 +42,10 @@ def test_open_clip_layer_out_of_range_is_a_config_error(tiny_open_clip, layer):
 
 
 def test_unknown_backend_lists_the_choices():
+    from vlm.config import load_config
+
     with pytest.raises(ConfigError, match="open_clip"):
-        build_vision_encoder(VisionConfig(backend="timm"))
+        load_config("offline", ["model.vision.backend=timm"])
 
 
 def test_encoder_stays_frozen_in_train_mode(tiny_clip_dir):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlm.model import replace_dir
+from vlm.files import atomic_dir
 
 
 @dataclass
@@ -35,19 +34,17 @@ def checkpoints_dir(output_dir: Path) -> Path:
 
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, progress: Progress, keep_last: int) -> Path:
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"{progress.stage}-step-{progress.step:07d}{'-done' if progress.done else ''}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
-    model.save_pretrained(staging / "model")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, staging / "rng.safetensors")
-    (staging / "progress.json").write_text(json.dumps(asdict(progress), indent=2))
     target = root / name
-    replace_dir(staging, target)
+    with atomic_dir(target) as staging:
+        model.save_pretrained(staging / "model")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, staging / "rng.safetensors")
+        (staging / "progress.json").write_text(json.dumps(asdict(progress), indent=2))
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old)
     return target

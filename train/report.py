@@ -70,9 +70,9 @@ def plot_losses(metrics_file: Path, out: Path) -> None:
         train = [(r["step"] + offset, r["loss"]) for r in rows if r["stage"] == stage and "loss" in r]
         val = [(r["step"] + offset, r["val_loss"]) for r in rows if r["stage"] == stage and "val_loss" in r]
         if train:
-            ax.plot(*zip(*train), label=f"{stage} train")
+            ax.plot(*zip(*train, strict=True), label=f"{stage} train")
         if val:
-            ax.plot(*zip(*val), "o--", label=f"{stage} validation")
+            ax.plot(*zip(*val, strict=True), "o--", label=f"{stage} validation")
         offset = max([offset] + [s for s, _ in train + val])
     ax.set_xlabel("optimizer step (stages back to back)")
     ax.set_ylabel("loss")

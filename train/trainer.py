@@ -11,6 +11,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,17 +21,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from train.checkpoint import Progress, list_checkpoints, read_progress, restore_training_state, save_checkpoint
-from train.report import plot_losses, write_report
 from vlm.config import Config, ConfigError, StageConfig, load_config, to_dict
 from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler
 from vlm.data.feature_cache import FeatureCache
 from vlm.data.sources import Example, check_source, load_examples
 from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
+from vlm.train.checkpoint import Progress, list_checkpoints, read_progress, restore_training_state, save_checkpoint
+from vlm.train.report import plot_losses, write_report
 
 STAGES = {"align": ["align"], "instruct": ["instruct"], "both": ["align", "instruct"]}
-TRAIN_LM = ("none", "lora", "full")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 def run_training(preset: str, overrides: list[str], stage: str | None = None, resume: bool = False) -> int:
@@ -57,7 +56,7 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
     accelerator.init_trackers("tensorboard")
     model = VisionLanguageModel.from_config(config.model).to(accelerator.device)
     cache = FeatureCache(model.vision, config.train.cache_dir) if config.train.feature_cache else None
-    metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator)
+    run = Run(config, accelerator, model, cache, MetricsLog(output_dir / "metrics.jsonl", accelerator))
 
     resume_from = checkpoints[-1] if checkpoints else None
     summaries = {}
@@ -67,7 +66,7 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
             continue  # finished before the restart; its weights come with the later checkpoint
         if progress and progress.stage != name:
             resume_from, progress = None, None
-        summaries[name] = train_stage(name, config, model, cache, accelerator, metrics, resume_from)
+        summaries[name] = train_stage(run, name, resume_from)
         resume_from = None
 
     accelerator.wait_for_everyone()
@@ -83,16 +82,9 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
 
 def check_config(config: Config) -> list[str]:
     """Everything that can be wrong with a config, checked before any model loads."""
-    t = config.train
-    if t.stage not in STAGES:
-        raise ConfigError(f"train.stage={t.stage!r} is unknown; use one of {tuple(STAGES)}")
-    if t.mixed_precision not in PRECISIONS:
-        raise ConfigError(f"train.mixed_precision={t.mixed_precision!r} is unknown; use one of {PRECISIONS}")
-    stages = STAGES[t.stage]
+    stages = STAGES[config.train.stage]
     for name in stages:
-        stage: StageConfig = getattr(t, name)
-        if stage.train_lm not in TRAIN_LM:
-            raise ConfigError(f"train.{name}.train_lm={stage.train_lm!r} is unknown; use one of {TRAIN_LM}")
+        stage: StageConfig = getattr(config.train, name)
         if name == "align" and stage.train_lm != "none":
             raise ConfigError("train.align.train_lm must be none: stage 1 trains the projector only")
         for key in ("batch_size", "grad_accum"):
@@ -106,52 +98,56 @@ def check_config(config: Config) -> list[str]:
     return stages
 
 
-def train_stage(name: str, config: Config, model: VisionLanguageModel, cache: FeatureCache | None,
-                accelerator: Accelerator, metrics: "MetricsLog", resume_from: Path | None) -> dict:
-    stage: StageConfig = getattr(config.train, name)
-    examples = load_examples(getattr(config.data, name), name)
-    train_examples, val_examples = split_holdout(examples, config.data.val_fraction, config.train.seed)
-    if cache is not None:
-        # The main process computes missing features first; the others then find them in its shards.
-        with accelerator.main_process_first():
-            cache.build(((e.key, e.load) for e in examples if e.load), device=accelerator.device,
-                        show_progress=accelerator.is_local_main_process)
+@dataclass
+class Run:
+    """What every stage of one training run shares."""
 
-    trainable = configure_trainable(model, stage)
+    config: Config
+    accelerator: Accelerator
+    model: VisionLanguageModel
+    cache: FeatureCache | None
+    metrics: MetricsLog
+
+
+@dataclass
+class StageData:
+    loader: DataLoader
+    sampler: LengthGroupedBatchSampler
+    val_loader: DataLoader
+    collator: Collator
+    num_examples: int
+
+
+def train_stage(run: Run, name: str, resume_from: Path | None) -> dict:
+    config, accelerator, metrics = run.config, run.accelerator, run.metrics
+    stage: StageConfig = getattr(config.train, name)
+    trainable = configure_trainable(run.model, stage)
     compiled = config.train.compile if config.train.compile is not None else accelerator.device.type == "cuda"
     if compiled:
-        model.compile_for_training()
-    collator = Collator(model.processor, cache, PAD_MULTIPLE_COMPILED if compiled else None)
-    dataset = ConversationDataset(train_examples, model.processor, config.data.max_length)
-    sampler = LengthGroupedBatchSampler(dataset, stage.batch_size, config.train.seed,
-                                        accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=config.data.num_workers)
-    val_loader = DataLoader(ConversationDataset(val_examples, model.processor, config.data.max_length),
-                            batch_size=stage.batch_size, collate_fn=collator)
-
-    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(sampler) / stage.grad_accum))
-    total_steps = stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+        run.model.compile_for_training()
+    data = build_data(run, name, stage, PAD_MULTIPLE_COMPILED if compiled else None)
+    optimizer, scheduler, total_steps = build_optimizer(trainable, stage, len(data.sampler))
     # The training loader stays ours (see LengthGroupedBatchSampler); accelerate wraps the rest.
-    prepared, optimizer, val_loader, scheduler = accelerator.prepare(model, optimizer, val_loader, scheduler)
+    model, optimizer, val_loader, scheduler = accelerator.prepare(run.model, optimizer, data.val_loader, scheduler)
 
     progress = Progress(stage=name)
     if resume_from is not None:
         progress = read_progress(resume_from)
-        accelerator.unwrap_model(prepared).load_trained_weights(resume_from / "model")
+        accelerator.unwrap_model(model).load_trained_weights(resume_from / "model")
         restore_training_state(resume_from, optimizer, scheduler)
     if progress.done:
-        return _summary(progress, collator, len(examples))
+        return _summary(progress, data)
 
     if progress.step == 0:  # the untrained baseline, so the curve shows what training bought
-        metrics.log(name, 0, {"val_loss": evaluate_loss(prepared, val_loader, accelerator)})
-    bar = tqdm(total=total_steps, initial=progress.step, desc=f"stage {name}", disable=not accelerator.is_local_main_process)
-    prepared.train()
+        metrics.log(name, 0, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
+    bar = tqdm(
+        total=total_steps, initial=progress.step, desc=f"stage {name}", disable=not accelerator.is_local_main_process
+    )
+    model.train()
     started, window_samples, window_start, micro = time.time() - progress.seconds, 0, time.time(), 0
     while progress.step < total_steps:
-        sampler.set_position(progress.epoch, progress.batches_in_epoch)
-        for batch in loader:
+        data.sampler.set_position(progress.epoch, progress.batches_in_epoch)
+        for batch in data.loader:
             progress.batches_in_epoch += 1
             if not batch:
                 continue
@@ -160,8 +156,8 @@ def train_stage(name: str, config: Config, model: VisionLanguageModel, cache: Fe
             # the count at zero exactly where the interrupted one did.
             micro += 1
             sync = micro % stage.grad_accum == 0
-            with nullcontext() if sync else accelerator.no_sync(prepared):
-                loss = prepared(**batch)["loss"]
+            with nullcontext() if sync else accelerator.no_sync(model):
+                loss = model(**batch)["loss"]
                 accelerator.backward(loss / stage.grad_accum)
             samples = len(batch["input_ids"]) * accelerator.num_processes
             progress.samples += samples
@@ -183,19 +179,48 @@ def train_stage(name: str, config: Config, model: VisionLanguageModel, cache: Fe
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", samples_s=f"{rate:.1f}")
                 window_samples, window_start = 0, time.time()
             if progress.step % config.train.eval_every == 0:
-                metrics.log(name, progress.step, {"val_loss": evaluate_loss(prepared, val_loader, accelerator)})
+                metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
             if progress.step % config.train.save_every == 0 and progress.step < total_steps:
-                _save(accelerator, prepared, optimizer, scheduler, progress, config)
+                _save(accelerator, model, optimizer, scheduler, progress, config)
             if progress.step >= total_steps:
                 break
         else:
             progress.epoch += 1
             progress.batches_in_epoch = 0
     bar.close()
-    metrics.log(name, progress.step, {"val_loss": evaluate_loss(prepared, val_loader, accelerator)})
+    metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
     progress.done = True
-    _save(accelerator, prepared, optimizer, scheduler, progress, config)
-    return _summary(progress, collator, len(examples))
+    _save(accelerator, model, optimizer, scheduler, progress, config)
+    return _summary(progress, data)
+
+
+def build_data(run: Run, name: str, stage: StageConfig, pad_to_multiple_of: int | None) -> StageData:
+    """The stage's examples, split into training and held-out images, their features cached, and loaders."""
+    config, accelerator, processor = run.config, run.accelerator, run.model.processor
+    examples = load_examples(getattr(config.data, name), name)
+    train_examples, val_examples = split_holdout(examples, config.data.val_fraction, config.train.seed)
+    if run.cache is not None:
+        # The main process computes missing features first; the others then find them in its shards.
+        with accelerator.main_process_first():
+            run.cache.build(((e.key, e.load) for e in examples if e.load), device=accelerator.device,
+                            show_progress=accelerator.is_local_main_process)
+    collator = Collator(processor, run.cache, pad_to_multiple_of)
+    dataset = ConversationDataset(train_examples, processor, config.data.max_length)
+    sampler = LengthGroupedBatchSampler(dataset, stage.batch_size, config.train.seed,
+                                        accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=config.data.num_workers)
+    val_loader = DataLoader(ConversationDataset(val_examples, processor, config.data.max_length),
+                            batch_size=stage.batch_size, collate_fn=collator)
+    return StageData(loader, sampler, val_loader, collator, len(examples))
+
+
+def build_optimizer(trainable: list[torch.nn.Parameter], stage: StageConfig, batches_per_epoch: int):
+    """AdamW with linear warmup then cosine decay; also returns the stage's number of optimizer steps."""
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / stage.grad_accum))
+    total_steps = stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+    return optimizer, scheduler, total_steps
 
 
 def configure_trainable(model: VisionLanguageModel, stage: StageConfig) -> list[torch.nn.Parameter]:
@@ -240,9 +265,9 @@ def _save(accelerator, model, optimizer, scheduler, progress: Progress, config: 
     accelerator.wait_for_everyone()
 
 
-def _summary(progress: Progress, collator: Collator, num_examples: int) -> dict:
+def _summary(progress: Progress, data: StageData) -> dict:
     return {"steps": progress.step, "samples": progress.samples, "seconds": progress.seconds,
-            "examples": num_examples, "skipped": dict(collator.skipped)}
+            "examples": data.num_examples, "skipped": dict(data.collator.skipped)}
 
 
 def _precision(setting: str) -> str:

@@ -1,4 +1,4 @@
-"""The `vlm` command: train / eval / demo / chat / export.
+"""The `vlm` command: train / eval / demo / chat / export. The top of the house: it imports, nothing imports it.
 
 Every user error (bad path, unknown preset, wrong config value, unreadable image) ends as one
 line on stderr and exit status 2, never a traceback.
@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from vlm.benchmarks import BENCHMARKS
 from vlm.config import ConfigError
-from vlm.images import ImageError
+from vlm.demo.app import launch
+from vlm.evaluate import compare, run_eval
+from vlm.export import export_llava
+from vlm.files import EXAMPLES_DIR
+from vlm.images import ImageError, load_image
+from vlm.model import load_model
 from vlm.processor import PromptError
+from vlm.train.trainer import run_training
+from vlm.vqa_benchmarks import BENCHMARKS
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 USER_ERRORS = (ConfigError, ImageError, PromptError, FileNotFoundError)
 
 
@@ -30,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.seed=1")
 
     chat = commands.add_parser("chat", help="answer one question about one image, streamed")
-    chat.add_argument("--image", default=str(EXAMPLES_DIR / "shape_0.png"), help="image file (default: a bundled example)")
+    chat.add_argument(
+        "--image", default=str(EXAMPLES_DIR / "shape_0.png"), help="image file (default: a bundled example)"
+    )
     chat.add_argument("--question", required=True)
     _add_model_args(chat)
     chat.add_argument("--max-new-tokens", type=int, default=128)
@@ -39,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser("eval", help="score a checkpoint on a VQA benchmark subset")
     evaluate.add_argument("--checkpoint", help="checkpoint folder written by `vlm train` (default: the offline run's)")
-    evaluate.add_argument("--benchmark", default="easy_vqa", help=f"one of: {', '.join(BENCHMARKS)} (default: easy_vqa, offline)")
+    evaluate.add_argument(
+        "--benchmark", default="easy_vqa", help=f"one of: {', '.join(BENCHMARKS)} (default: easy_vqa, offline)"
+    )
     evaluate.add_argument("--data", help="local copy instead of the Hub: a snapshot folder, an image folder with "
                           "metadata.jsonl, or a .parquet/.json/.jsonl/.csv file with the Hub's columns")
     evaluate.add_argument("--split", help="dataset split (default: the benchmark's usual one)")
@@ -47,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--max-new-tokens", type=int, help="default 16, or 256 with --cot")
-    evaluate.add_argument("--cot", action="store_true", help="ask for step-by-step reasoning and score its final answer")
+    evaluate.add_argument(
+        "--cot", action="store_true", help="ask for step-by-step reasoning and score its final answer"
+    )
     evaluate.add_argument("--ocr", action="store_true", help="textvqa: put the dataset's OCR tokens in the prompt")
     evaluate.add_argument("--output", help="results folder (default: <checkpoint>/eval/<benchmark>)")
     evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results JSON files side by side")
@@ -74,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", help="checkpoint folder written by `vlm train` (default: the offline run's, if trained)")
+    parser.add_argument(
+        "--checkpoint", help="checkpoint folder written by `vlm train` (default: the offline run's, if trained)"
+    )
     parser.add_argument("--config", help="preset name or YAML path, for a model without a checkpoint")
 
 
@@ -82,52 +94,21 @@ def _run(args) -> int:
     if args.command == "chat":
         return _chat(args)
     if args.command == "train":
-        from train.trainer import run_training
-
         return run_training(args.config, args.overrides, stage=args.stage, resume=args.resume)
     if args.command == "eval":
-        from vlm.evaluate import run_eval
-
-        return run_eval(args)
+        if args.compare:
+            print(compare(*args.compare))
+            return 0
+        return run_eval(args.checkpoint, args.benchmark, data=args.data, split=args.split, limit=args.limit,
+                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                        cot=args.cot, ocr=args.ocr, output=args.output)
     if args.command == "demo":
-        from demo.app import launch
-
-        return launch(args)
-    from vlm.export import export_llava
-
+        return launch(args.checkpoint, args.config, host=args.host, port=args.port, share=args.share)
     export_llava(args.checkpoint, args.out)
     return 0
 
 
-def load_model(checkpoint: str | None, config: str | None, *, announce=print):
-    """The model to chat with: a checkpoint, else the trained offline default, else an untrained preset."""
-    from vlm.config import load_config
-    from vlm.model import VisionLanguageModel
-
-    requested = load_config(config).model if config else None
-    if checkpoint is None and config is None and default_checkpoint().is_dir():
-        checkpoint = str(default_checkpoint())
-    if checkpoint:
-        if not Path(checkpoint).is_dir():
-            raise ConfigError(f"checkpoint folder {checkpoint} does not exist")
-        announce(f"loading checkpoint {checkpoint}")
-        return VisionLanguageModel.from_pretrained(checkpoint, requested)
-    announce(
-        "no trained checkpoint: the projector is untrained, so answers ignore the image. "
-        "Train one with `vlm train --config offline` (or pass --checkpoint DIR)."
-    )
-    return VisionLanguageModel.from_config(requested or load_config("offline").model)
-
-
-def default_checkpoint() -> Path:
-    from vlm.config import load_config
-
-    return Path(load_config("offline").train.output_dir) / "final"
-
-
 def _chat(args) -> int:
-    from vlm.images import load_image
-
     image = load_image(args.image)
     model = load_model(args.checkpoint, args.config, announce=lambda m: print(m, file=sys.stderr))
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}

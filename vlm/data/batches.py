@@ -18,7 +18,6 @@ from vlm.data.sources import Example
 from vlm.images import ImageError
 from vlm.processor import IGNORE_INDEX, PromptError, VLMProcessor
 
-
 MISSING_IMAGE = "missing or unreadable image"
 
 

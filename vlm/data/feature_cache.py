@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vlm.files import cache_dir
 from vlm.images import ImageError
-from vlm.language_model import cache_dir
 
 
 class FeatureCache:
@@ -52,7 +52,9 @@ class FeatureCache:
     def get(self, keys: list[str]) -> torch.Tensor:
         return torch.from_numpy(np.stack([self._index[k][0][self._index[k][1]] for k in keys]))
 
-    def build(self, items: Iterable[tuple[str, Callable]], batch_size: int = 64, device=None, show_progress=True) -> None:
+    def build(
+        self, items: Iterable[tuple[str, Callable]], batch_size: int = 64, device=None, show_progress=True
+    ) -> None:
         """Compute features for every (key, load_image) not cached yet; unreadable images are recorded in `failed`."""
         self._load_shards()  # in a multi-process run, the main process has just written them
         todo = {key: load for key, load in items if key not in self._index and key not in self.failed}

@@ -14,9 +14,9 @@ import collections
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
@@ -44,8 +44,6 @@ class Example:
 
 def load_examples(source: DataSource, stage: str) -> list[Example]:
     loaders = {"easy_vqa": _easy_vqa, "llava": _llava, "hf": _hugging_face}
-    if source.kind not in loaders:
-        raise ConfigError(f"data.{stage}.kind={source.kind!r} is unknown; use one of {tuple(loaders)}")
     examples = loaders[source.kind](source, stage)
     return examples[: source.limit] if source.limit else examples
 
@@ -108,7 +106,9 @@ def _llava(source: DataSource, stage: str) -> list[Example]:
         conversation = record.get("conversations") if isinstance(record, dict) else None
         if not conversation:
             continue  # counted by the caller as malformed via len(records) - len(examples)
-        messages = [{"role": ROLES.get(turn.get("from"), "user"), "content": turn.get("value", "")} for turn in conversation]
+        messages = [
+            {"role": ROLES.get(turn.get("from"), "user"), "content": turn.get("value", "")} for turn in conversation
+        ]
         if "image" in record:
             examples.append(_example(root / record["image"], with_image_placeholder(messages)))
         else:
@@ -129,7 +129,9 @@ def _hugging_face(source: DataSource, stage: str) -> list[Example]:
         raise ConfigError(f"data.{stage}: could not load dataset {source.path!r} split {source.split!r}: {e}") from None
     missing = [c for c in source.columns.values() if c not in dataset.column_names]
     if missing:
-        raise ConfigError(f"data.{stage}.columns names {missing}, not columns of {source.path} ({dataset.column_names})")
+        raise ConfigError(
+            f"data.{stage}.columns names {missing}, not columns of {source.path} ({dataset.column_names})"
+        )
     cols = source.columns
     fingerprint = hashlib.sha256(f"{source.path}:{source.split}:{dataset._fingerprint}".encode()).hexdigest()[:16]
     texts = dataset.remove_columns([cols["image"]])
@@ -138,8 +140,13 @@ def _hugging_face(source: DataSource, stage: str) -> list[Example]:
         if stage == "align":
             messages = [_user(CAPTION_PROMPT, True), _assistant(_one_answer(row[cols["caption"]]))]
         else:
-            messages = [_user(f"{row[cols['question']]}\n{SHORT_ANSWER}", True), _assistant(_one_answer(row[cols["answer"]]))]
-        examples.append(Example(key=f"hf:{fingerprint}:{i}", load=_hf_image_loader(dataset, cols["image"], i), messages=messages))
+            messages = [
+                _user(f"{row[cols['question']]}\n{SHORT_ANSWER}", True),
+                _assistant(_one_answer(row[cols["answer"]])),
+            ]
+        examples.append(
+            Example(key=f"hf:{fingerprint}:{i}", load=_hf_image_loader(dataset, cols["image"], i), messages=messages)
+        )
     return examples
 
 

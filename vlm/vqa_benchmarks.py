@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -24,7 +24,6 @@ from vlm.data.easy_vqa import easy_vqa_questions
 from vlm.data.sources import LOCAL_FORMATS
 from vlm.images import ImageError, load_image
 from vlm.prompts import MULTIPLE_CHOICE, SHORT_ANSWER
-
 
 # Chain-of-thought mode replaces LLaVA's direct-answer suffix; the final line is then
 # read back with vlm.metrics.extract_final_answer.
@@ -150,7 +149,9 @@ def mmstar_options(question: str) -> list[str]:
 
 def _read_mmstar(row: dict, index: int) -> dict:
     question = _text(row, "question")
-    return _choice_record(row["index"], question, mmstar_options(question), str(row.get("answer") or "").strip().upper())
+    return _choice_record(
+        row["index"], question, mmstar_options(question), str(row.get("answer") or "").strip().upper()
+    )
 
 
 def _pope(category: str) -> Benchmark:
@@ -231,10 +232,18 @@ class Selection:
                 record["image"] = load_image(_image_source(image, self._base_dir))
             except (Malformed, ImageError) as e:
                 reason = f"unreadable image ({e})" if isinstance(e, ImageError) else str(e)
-                yield {"index": index, "question_id": _plain(row.get("question_id", row.get("id", index))), "error": reason}
+                yield {
+                    "index": index,
+                    "question_id": _plain(row.get("question_id", row.get("id", index))),
+                    "error": reason,
+                }
                 continue
             except (KeyError, TypeError, AttributeError) as e:
-                yield {"index": index, "question_id": index, "error": f"unexpected row layout ({type(e).__name__}: {e})"}
+                yield {
+                    "index": index,
+                    "question_id": index,
+                    "error": f"unexpected row layout ({type(e).__name__}: {e})",
+                }
                 continue
             record["index"] = index
             record["question_id"] = _plain(record["question_id"])
@@ -273,7 +282,9 @@ def select(benchmark: Benchmark, *, data: str | None = None, split: str | None =
     split = split or benchmark.split
     if benchmark.hub_id is None:
         if data:
-            raise ConfigError(f"{benchmark.name} is the packaged dataset; --data applies to the Hugging Face benchmarks")
+            raise ConfigError(
+                f"{benchmark.name} is the packaged dataset; --data applies to the Hugging Face benchmarks"
+            )
         rows = easy_vqa_questions(split)
         indices = subset_indices(len(rows), limit, seed)
         return Selection(benchmark, "easy-vqa (packaged)", split, len(rows), indices,

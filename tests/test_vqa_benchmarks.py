@@ -3,7 +3,8 @@
 import datasets
 import pytest
 
-from vlm.benchmarks import (
+from vlm.config import ConfigError
+from vlm.vqa_benchmarks import (
     BENCHMARKS,
     build_prompt,
     get_benchmark,
@@ -11,7 +12,6 @@ from vlm.benchmarks import (
     select,
     subset_indices,
 )
-from vlm.config import ConfigError
 
 
 def _load(name, data, split=None, limit=0, seed=0):
@@ -34,7 +34,9 @@ FIXTURES = [
 
 
 @pytest.mark.parametrize("name, folder, total, good, problem", FIXTURES)
-def test_hub_layout_folder_loads_every_row_and_flags_the_malformed_one(benchmark_data, name, folder, total, good, problem):
+def test_hub_layout_folder_loads_every_row_and_flags_the_malformed_one(
+    benchmark_data, name, folder, total, good, problem
+):
     selection, records, errors = _load(name, benchmark_data[folder])
     assert selection.total == total and len(selection) == total
     assert len(records) == good and len(errors) == total - good
@@ -74,7 +76,9 @@ def test_records_are_normalised_from_each_schema(benchmark_data):
 def test_single_parquet_file_override_reads_the_same_records(benchmark_data):
     _, from_folder, _ = _load("vqav2", benchmark_data["vqav2"])
     _, from_file, _ = _load("vqav2", benchmark_data["vqav2"] / "data" / "validation-00000-of-00001.parquet")
-    assert [(r["question_id"], r["answers"]) for r in from_file] == [(r["question_id"], r["answers"]) for r in from_folder]
+    assert [(r["question_id"], r["answers"]) for r in from_file] == [
+        (r["question_id"], r["answers"]) for r in from_folder
+    ]
 
 
 def test_image_folder_with_metadata_needs_its_split_named(benchmark_data):
