@@ -152,7 +152,7 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
             record(
                 system, stage, measure(step, device, args, _profile_path(profiles, f"{tag}_s{stage}")), False, lora_r
             )
-            features = model.vision(pixels)  # what the feature cache hands the model: bf16 [B, N, D]
+            features = model.image_features(pixels)  # what the feature cache hands the model: bf16 [B, N, D]
             step = make_step(model, lambda m=model, b=batch, f=features: m(**b, image_features=f)["loss"], device)
             record(system + " + feature cache", stage,
                    measure(step, device, args, _profile_path(profiles, f"{tag}_cache_s{stage}")), True, lora_r)

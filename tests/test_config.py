@@ -83,3 +83,8 @@ def test_a_bad_option_stops_before_any_model_loads(key, valid, monkeypatch, caps
 
 def test_a_folder_named_by_a_number_is_a_path():
     assert load_config("offline", ["train.output_dir=2024"]).train.output_dir == "2024"
+
+
+def test_on_and_off_are_options_not_booleans():
+    assert load_config("offline", ["data.cache=on"]).data.cache == "on"
+    assert load_config("offline", ["data.cache=off"]).data.cache == "off"

@@ -1,13 +1,14 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from vlm.config import ConfigError, DataSource
-from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler
-from vlm.data.feature_cache import FeatureCache
-from vlm.data.sources import load_examples
+from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler, SkipCounter, TokenizedExamples
+from vlm.data.feature_cache import FeatureCache, feature_spec
+from vlm.data.sources import FileImages, Records, load_examples
 from vlm.prompts import SHORT_ANSWER
 
 
@@ -59,46 +60,186 @@ def test_hf_source_names_a_missing_column(tmp_path):
         load_examples(source, "align")
 
 
-def test_feature_cache_stores_encoder_output_and_reuses_it(tiny_model, images, tmp_path):
-    items = [(f"img{i}", (lambda im=im: im)) for i, im in enumerate(images)]
-    cache = FeatureCache(tiny_model.vision, tmp_path)
-    cache.build(items, batch_size=3, show_progress=False)
-    expected = tiny_model.vision(tiny_model.vision.preprocess(images))
+def _cache(model, root, **kwargs):
+    return FeatureCache(feature_spec(model), root, **kwargs)
+
+
+def _build(cache, model, items, **kwargs):
+    cache.build(items, model.image_features, model.vision.preprocess, show_progress=False, **kwargs)
+
+
+def _items(images):
+    return [(f"img{i}", (lambda im=im: im)) for i, im in enumerate(images)]
+
+
+def test_feature_cache_stores_the_frozen_part_output_and_reuses_it(tiny_model, images, tmp_path):
+    cache = _cache(tiny_model, tmp_path)
+    _build(cache, tiny_model, _items(images), batch_size=3)
+    expected = tiny_model.image_features(tiny_model.vision.preprocess(images))
     torch.testing.assert_close(cache.get(["img2", "img0"]).float(), expected[[2, 0]], atol=2e-3, rtol=2e-3)
 
-    reopened = FeatureCache(tiny_model.vision, tmp_path)
+    reopened = _cache(tiny_model, tmp_path)
     calls = []
-    reopened.build([(key, lambda: calls.append(1)) for key, _ in items], show_progress=False)
+    _build(reopened, tiny_model, [(key, lambda: calls.append(1)) for key, _ in _items(images)])
     assert calls == [] and "img3" in reopened
+
+
+def test_feature_cache_stores_pooled_tokens_when_pooling_has_no_parameters(tiny_model_config, images, tmp_path):
+    import dataclasses
+
+    from vlm.config import ProjectorConfig
+    from vlm.model import VisionLanguageModel
+
+    config = dataclasses.replace(tiny_model_config, projector=ProjectorConfig(compress="pool", num_tokens=4))
+    model = VisionLanguageModel.from_config(config)
+    cache = _cache(model, tmp_path)
+    _build(cache, model, _items(images))
+    assert cache.get(["img0"]).shape == (1, 4, model.vision.hidden_size)  # 16 patches pooled to 4
+    pixels = model.vision.preprocess(images[:1])
+    # The projector reads the cached (pooled) features exactly as it reads pixels.
+    torch.testing.assert_close(model.image_embeddings(image_features=cache.get(["img0"])),
+                               model.image_embeddings(pixel_values=pixels), atol=2e-3, rtol=2e-3)
+    assert cache.dir != _cache(VisionLanguageModel.from_config(tiny_model_config), tmp_path).dir
 
 
 def test_feature_cache_opened_before_another_process_built_it_computes_nothing_again(tiny_model, images, tmp_path):
     # accelerate's other processes open the cache, then build after the main process wrote its shards.
-    items = [(f"img{i}", (lambda im=im: im)) for i, im in enumerate(images)]
-    opened_early = FeatureCache(tiny_model.vision, tmp_path)
-    FeatureCache(tiny_model.vision, tmp_path).build(items, show_progress=False)
+    opened_early = _cache(tiny_model, tmp_path)
+    _build(_cache(tiny_model, tmp_path), tiny_model, _items(images))
     calls = []
-    opened_early.build([(key, lambda: calls.append(1)) for key, _ in items], show_progress=False)
-    assert calls == [] and all(key in opened_early for key, _ in items)
+    _build(opened_early, tiny_model, [(key, lambda: calls.append(1)) for key, _ in _items(images)])
+    assert calls == [] and all(key in opened_early for key, _ in _items(images))
     assert len(list(tmp_path.glob("*/shard-*.json"))) == 1
 
 
-def test_collator_skips_and_counts_unreadable_images(tiny_model, tmp_path):
-    from vlm.data.sources import Example
-    from vlm.images import load_image
+def _many_images(n):
+    from PIL import Image
 
+    g = torch.Generator().manual_seed(1)
+    return [Image.fromarray(torch.randint(0, 255, (12, 12, 3), generator=g, dtype=torch.uint8).numpy())
+            for _ in range(n)]
+
+
+def test_a_build_writes_shards_as_it_goes_and_a_killed_one_resumes_without_recomputing(tiny_model, tmp_path):
+    images = _many_images(23)
+    items = _items(images)
+    one_item = feature_spec(tiny_model).item_bytes
+    encoded = []
+
+    def dies_on_the_fourth_batch(pixels):
+        if len(encoded) == 3:
+            raise KeyboardInterrupt  # what a kill leaves: whatever was not written yet is gone
+        encoded.append(len(pixels))
+        return tiny_model.image_features(pixels)
+
+    cache = _cache(tiny_model, tmp_path, shard_bytes=5 * one_item)  # 5 images a shard
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(items, dies_on_the_fourth_batch, tiny_model.vision.preprocess, batch_size=4, show_progress=False)
+    # 12 images were encoded; two full shards (10 images) reached the disk, the rest was in memory.
+    shards = sorted(tmp_path.glob("*/shard-*.json"))
+    assert len(shards) == 2 and not list(tmp_path.glob("*/.*.tmp"))
+    for keys_file in shards:  # no half shard: every visible shard's array holds exactly its keys
+        rows = np.load(keys_file.with_suffix(".npy"), mmap_mode="r").shape[0]
+        assert rows == len(json.loads(keys_file.read_text())["keys"]) == 5
+
+    resumed = _cache(tiny_model, tmp_path, shard_bytes=5 * one_item)
+    seen = []
+
+    def counting(pixels):
+        seen.append(len(pixels))
+        return tiny_model.image_features(pixels)
+
+    resumed.build(items, counting, tiny_model.vision.preprocess, batch_size=4, show_progress=False)
+    assert sum(seen) == 23 - 10  # nothing encoded twice
+    stored = [k for f in tmp_path.glob("*/shard-*.json") for k in json.loads(f.read_text())["keys"]]
+    assert sorted(stored) == sorted(key for key, _ in items)  # none missing, none twice
+    expected = tiny_model.image_features(tiny_model.vision.preprocess(images))
+    torch.testing.assert_close(_cache(tiny_model, tmp_path).get([k for k, _ in items]).float(), expected,
+                               atol=2e-3, rtol=2e-3)
+
+
+def test_each_rank_encodes_its_own_share(tiny_model, tmp_path):
+    images = _many_images(9)
+    opened = {0: [], 1: []}
+    for rank in (0, 1):
+        items = [
+            (f"img{i}", (lambda im=im, i=i, rank=rank: opened[rank].append(i) or im)) for i, im in enumerate(images)
+        ]
+        _cache(tiny_model, tmp_path).build(items, tiny_model.image_features, tiny_model.vision.preprocess, rank=rank,
+                                           world_size=2, show_progress=False)
+    assert sorted(opened[0] + opened[1]) == list(range(9)) and opened[0] and opened[1]
+    assert len(_cache(tiny_model, tmp_path)) == 9
+
+
+def test_a_build_decoding_in_worker_processes_gives_the_same_features(tiny_model, tmp_path):
+    images = _many_images(6)
+    a, b = _cache(tiny_model, tmp_path / "a"), _cache(tiny_model, tmp_path / "b")
+    _build(a, tiny_model, _items(images), batch_size=4)
+    _build(b, tiny_model, _items(images), batch_size=4, num_workers=2)
+    keys = [k for k, _ in _items(images)]
+    assert torch.equal(a.get(keys), b.get(keys))
+
+
+def test_a_cache_that_would_not_fit_stops_naming_the_ways_out(tiny_model, tmp_path):
+    from vlm.data.feature_cache import ensure_fits
+
+    cache = _cache(tiny_model, tmp_path)
+    keys = [f"img{i}" for i in range(1000)]
+    with pytest.raises(ConfigError, match=r"data.cache_max_gb=1e-06.*data.cache=off.*data.cache_dir"):
+        ensure_fits(cache, keys, max_gb=1e-6, announce=lambda line: None)
+    lines = []
+    ensure_fits(cache, keys, max_gb=0, announce=lines.append)
+    assert "1,000 images to encode" in lines[0]
+
+
+def test_collator_skips_and_counts_unreadable_images(tiny_model, tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
     messages = [{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "yes"}]
-    examples = [
-        Example(str(p), (lambda p=p: load_image(p)), messages) for p in (tmp_path / "bad.png", tmp_path / "good.png")
-    ]
-    dataset = ConversationDataset(examples, tiny_model.processor, max_length=128)
+    records = Records([(str(tmp_path / n), n, messages) for n in ("bad.png", "good.png")], FileImages(tmp_path))
+    dataset = ConversationDataset(TokenizedExamples(records, [0, 1], tiny_model.processor, max_length=128))
     collator = Collator(tiny_model.processor, cache=None)
+    counter = SkipCounter()
     batch = collator([dataset[0], dataset[1]])
-    collator([dataset[0]])  # the same bad record in a later epoch counts once
+    counter.add(batch.pop("skipped"))
+    counter.add(collator([dataset[0]])["skipped"])  # the same bad record in a later epoch counts once
     assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
-    assert collator.skipped == {"missing or unreadable image": 1}
+    assert counter.counts() == {"missing or unreadable image": 1}
+
+
+def test_cached_batches_read_the_features_of_their_own_images(tiny_model, images, tmp_path):
+    messages = [{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "yes"}]
+    records = Records([(f"img{i}", i, messages) for i in range(len(images))], images.__getitem__)
+    cache = _cache(tiny_model, tmp_path)
+    _build(cache, tiny_model, [(e.key, e.load) for e in records])
+    dataset = ConversationDataset(TokenizedExamples(records, [3, 1], tiny_model.processor, max_length=128), cache)
+    batch = Collator(tiny_model.processor, cache)([dataset[0], dataset[1]])
+    torch.testing.assert_close(batch["image_features"], cache.get(["img3", "img1"]))
+
+
+def test_encoding_in_worker_processes_matches_encoding_here(tiny_model):
+    messages = [[{"role": "user", "content": f"<image>\nquestion {i}?"}, {"role": "assistant", "content": "a" * i}]
+                for i in range(40)]
+    records = Records([(f"k{i}", None, m) for i, m in enumerate(messages)])
+    here = TokenizedExamples(records, range(40), tiny_model.processor, max_length=128, processes=1)
+    pooled = TokenizedExamples(records, range(40), tiny_model.processor, max_length=128, processes=2)
+    for i in range(40):
+        assert pooled.encoded(i) == here.encoded(i) == tiny_model.processor.encode(messages[i], max_length=128)
+
+
+def test_records_round_trip_and_count_what_they_could_not_use(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    good = {"image": "a.png", "conversations": turns}
+    bad = [5, {"id": 1}, {"conversations": [{"from": "human", "value": None}]},
+           {"image": 5, "conversations": good["conversations"]},
+           {"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"},
+                                                 {"from": "gpt", "value": "x"}]}]
+    (tmp_path / "d.json").write_text(json.dumps([good] + bad))
+    records = load_examples(DataSource(kind="llava", path=str(tmp_path / "d.json"), image_root=str(tmp_path)),
+                            "instruct")
+    assert len(records) == 1 and sum(records.skipped.values()) == len(bad)
+    assert records[0].messages[0]["content"] == "<image>\nq" and records[0].load().size == (8, 8)
 
 
 def test_length_grouped_batches_cover_each_index_once_and_shard_and_resume():

@@ -61,10 +61,10 @@ def write_config(tmp_path, tiny_model_config, llava_data, **train_overrides) -> 
             "align": {"kind": "llava", "path": str(llava_data / "captions.json"), "image_root": str(llava_data)},
             "instruct": {"kind": "llava", "path": str(llava_data / "instruct.json"), "image_root": str(llava_data)},
             "val_fraction": 0.1,
+            "cache_dir": str(tmp_path / "cache"),
         },
         "train": {
             "output_dir": str(tmp_path / "run"),
-            "cache_dir": str(tmp_path / "cache"),
             "log_every": 1,
             "eval_every": 5,
             "save_every": 4,

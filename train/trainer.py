@@ -6,14 +6,17 @@ optionally LoRA or the whole LM) on question/answer conversations. The vision en
 
 from __future__ import annotations
 
+import collections
 import json
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
@@ -22,9 +25,9 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from vlm.config import Config, ConfigError, StageConfig, load_config, to_dict
-from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler
-from vlm.data.feature_cache import FeatureCache
-from vlm.data.sources import Example, check_source, load_examples
+from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler, SkipCounter, TokenizedExamples
+from vlm.data.feature_cache import FeatureCache, ensure_fits, feature_spec
+from vlm.data.sources import Records, check_source, load_examples
 from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
 from vlm.train.checkpoint import Progress, list_checkpoints, read_progress, restore_training_state, save_checkpoint
 from vlm.train.report import plot_losses, write_report
@@ -42,6 +45,8 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
             f"{output_dir} already holds a run's checkpoints; pass --resume to continue it, "
             "or set train.output_dir=<new folder> to start another"
         )
+    # Every record is read, and a stage with nothing to train on stops, before any model loads.
+    records = {name: load_stage_records(config, name) for name in stages}
 
     accelerator = Accelerator(
         mixed_precision=_precision(config.train.mixed_precision),
@@ -55,7 +60,9 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
         (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     accelerator.init_trackers("tensorboard")
     model = VisionLanguageModel.from_config(config.model).to(accelerator.device)
-    cache = FeatureCache(model.vision, config.train.cache_dir) if config.train.feature_cache else None
+    if accelerator.mixed_precision == "bf16":
+        model.vision.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic and feed the cache
+    cache = open_feature_cache(config, model, records, accelerator)
     run = Run(config, accelerator, model, cache, MetricsLog(output_dir / "metrics.jsonl", accelerator))
 
     resume_from = checkpoints[-1] if checkpoints else None
@@ -66,7 +73,7 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
             continue  # finished before the restart; its weights come with the later checkpoint
         if progress and progress.stage != name:
             resume_from, progress = None, None
-        summaries[name] = train_stage(run, name, resume_from)
+        summaries[name] = train_stage(run, name, records[name], resume_from)
         resume_from = None
 
     accelerator.wait_for_everyone()
@@ -78,6 +85,39 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
         print(f"trained projector saved to {output_dir / 'final'}\n{report}")
     accelerator.end_training()
     return 0
+
+
+def load_stage_records(config: Config, name: str) -> Records:
+    records = load_examples(getattr(config.data, name), name)
+    if not len(records):
+        counts = ", ".join(f"{n} {reason}" for reason, n in records.skipped.most_common()) or "the source is empty"
+        raise ConfigError(f"data.{name} has no record to train on ({counts}); check data.{name}.path")
+    return records
+
+
+def open_feature_cache(config: Config, model: VisionLanguageModel, records: dict[str, Records],
+                       accelerator: Accelerator) -> FeatureCache | None:
+    """The feature cache, or None where data.cache says so or (auto) where it would not pay or fit."""
+    announce = print if accelerator.is_main_process else (lambda *_: None)
+    if config.data.cache == "off":
+        return None
+    keys = {name: {k for k in r.keys() if k} for name, r in records.items()}
+    if config.data.cache == "auto":
+        several_epochs = [n for n in records if getattr(config.train, n).epochs > 1]
+        shared = len(keys) == 2 and not keys["align"].isdisjoint(keys["instruct"])
+        if not several_epochs and not shared:
+            announce("feature cache off: every image is read once (one epoch, no image in both stages); "
+                     "data.cache=on keeps features for later runs")
+            return None
+    cache = FeatureCache(feature_spec(model), config.data.cache_dir)
+    wanted = sorted(set().union(*keys.values()))
+    if config.data.cache == "auto":
+        _, line, problem = cache.size_report(wanted, config.data.cache_max_gb)
+        if problem:
+            announce(f"feature cache off: {problem}; images are encoded at every step ({line})")
+            return None
+    ensure_fits(cache, wanted, config.data.cache_max_gb, announce)
+    return cache
 
 
 def check_config(config: Config) -> list[str]:
@@ -114,18 +154,19 @@ class StageData:
     loader: DataLoader
     sampler: LengthGroupedBatchSampler
     val_loader: DataLoader
-    collator: Collator
+    skipped: SkipCounter  # records dropped from batches, counted here in the main process
     num_examples: int
+    unreadable: collections.Counter  # records the source could not turn into examples
 
 
-def train_stage(run: Run, name: str, resume_from: Path | None) -> dict:
+def train_stage(run: Run, name: str, records: Records, resume_from: Path | None) -> dict:
     config, accelerator, metrics = run.config, run.accelerator, run.metrics
     stage: StageConfig = getattr(config.train, name)
     trainable = configure_trainable(run.model, stage)
     compiled = config.train.compile if config.train.compile is not None else accelerator.device.type == "cuda"
     if compiled:
         run.model.compile_for_training()
-    data = build_data(run, name, stage, PAD_MULTIPLE_COMPILED if compiled else None)
+    data = build_data(run, name, records, stage, PAD_MULTIPLE_COMPILED if compiled else None)
     optimizer, scheduler, total_steps = build_optimizer(trainable, stage, len(data.sampler))
     # The training loader stays ours (see LengthGroupedBatchSampler); accelerate wraps the rest.
     model, optimizer, val_loader, scheduler = accelerator.prepare(run.model, optimizer, data.val_loader, scheduler)
@@ -144,11 +185,13 @@ def train_stage(run: Run, name: str, resume_from: Path | None) -> dict:
         total=total_steps, initial=progress.step, desc=f"stage {name}", disable=not accelerator.is_local_main_process
     )
     model.train()
-    started, window_samples, window_start, micro = time.time() - progress.seconds, 0, time.time(), 0
+    started, window_samples, window_tokens, window_start = time.time() - progress.seconds, 0, 0, time.time()
+    micro = 0
     while progress.step < total_steps:
         data.sampler.set_position(progress.epoch, progress.batches_in_epoch)
         for batch in data.loader:
             progress.batches_in_epoch += 1
+            data.skipped.add(batch.pop("skipped"))
             if not batch:
                 continue
             batch = send_to_device(batch, accelerator.device)
@@ -162,6 +205,7 @@ def train_stage(run: Run, name: str, resume_from: Path | None) -> dict:
             samples = len(batch["input_ids"]) * accelerator.num_processes
             progress.samples += samples
             window_samples += samples
+            window_tokens += batch["input_ids"].numel() * accelerator.num_processes
             if not sync:
                 continue
             accelerator.clip_grad_norm_(trainable, config.train.grad_clip)
@@ -174,10 +218,10 @@ def train_stage(run: Run, name: str, resume_from: Path | None) -> dict:
             if progress.step % config.train.log_every == 0 or progress.step == total_steps:
                 rate = window_samples / max(time.time() - window_start, 1e-9)
                 row = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": scheduler.get_last_lr()[0],
-                       "samples_per_s": rate}
+                       "samples_per_s": rate, "tokens_per_sample": window_tokens / max(window_samples, 1)}
                 metrics.log(name, progress.step, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", samples_s=f"{rate:.1f}")
-                window_samples, window_start = 0, time.time()
+                window_samples, window_tokens, window_start = 0, 0, time.time()
             if progress.step % config.train.eval_every == 0:
                 metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
             if progress.step % config.train.save_every == 0 and progress.step < total_steps:
@@ -194,24 +238,45 @@ def train_stage(run: Run, name: str, resume_from: Path | None) -> dict:
     return _summary(progress, data)
 
 
-def build_data(run: Run, name: str, stage: StageConfig, pad_to_multiple_of: int | None) -> StageData:
-    """The stage's examples, split into training and held-out images, their features cached, and loaders."""
-    config, accelerator, processor = run.config, run.accelerator, run.model.processor
-    examples = load_examples(getattr(config.data, name), name)
-    train_examples, val_examples = split_holdout(examples, config.data.val_fraction, config.train.seed)
+def build_data(run: Run, name: str, records: Records, stage: StageConfig, pad_to_multiple_of: int | None
+               ) -> StageData:
+    """The stage's examples, split into training and held-out images, encoded, their features cached, and loaders."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    train_indices, val_indices = split_holdout(records, config.data.val_fraction, config.train.seed)
+    workers = loader_workers(config.data.num_workers, accelerator)
     if run.cache is not None:
-        # The main process computes missing features first; the others then find them in its shards.
-        with accelerator.main_process_first():
-            run.cache.build(((e.key, e.load) for e in examples if e.load), device=accelerator.device,
-                            show_progress=accelerator.is_local_main_process)
-    collator = Collator(processor, run.cache, pad_to_multiple_of)
-    dataset = ConversationDataset(train_examples, processor, config.data.max_length)
-    sampler = LengthGroupedBatchSampler(dataset, stage.batch_size, config.train.seed,
+        # Each process encodes its share; then every process sees every shard.
+        run.cache.build([(e.key, e.load) for e in records if e.load], model.image_features,
+                        model.vision.preprocess, device=accelerator.device, num_workers=workers,
+                        rank=accelerator.process_index, world_size=accelerator.num_processes,
+                        show_progress=accelerator.is_local_main_process)
+        accelerator.wait_for_everyone()
+        run.cache.refresh()
+    train = ConversationDataset(TokenizedExamples(records, train_indices, model.processor, config.data.max_length),
+                                run.cache)
+    val = ConversationDataset(TokenizedExamples(records, val_indices, model.processor, config.data.max_length),
+                              run.cache)
+    collator = Collator(model.processor, run.cache, pad_to_multiple_of)
+    sampler = LengthGroupedBatchSampler(train, stage.batch_size, config.train.seed,
                                         accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=config.data.num_workers)
-    val_loader = DataLoader(ConversationDataset(val_examples, processor, config.data.max_length),
-                            batch_size=stage.batch_size, collate_fn=collator)
-    return StageData(loader, sampler, val_loader, collator, len(examples))
+    pin = accelerator.device.type == "cuda"
+    # Persistent workers: forking them again every epoch would cost seconds of idle GPU each time.
+    loader = DataLoader(train, batch_sampler=sampler, collate_fn=collator, num_workers=workers, pin_memory=pin,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    val_loader = DataLoader(val, batch_size=stage.batch_size, collate_fn=collator, num_workers=min(workers, 2),
+                            pin_memory=pin)
+    return StageData(loader, sampler, val_loader, SkipCounter(), len(records), records.skipped)
+
+
+def loader_workers(setting: int | None, accelerator: Accelerator) -> int:
+    """data.num_workers, or where unset: on a GPU up to 8 per process from the CPUs the process may use;
+    on a CPU none, since the cores that would decode images are the ones training."""
+    if setting is not None:
+        return setting
+    if accelerator.device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cpus // accelerator.num_processes - 1))
 
 
 def build_optimizer(trainable: list[torch.nn.Parameter], stage: StageConfig, batches_per_epoch: int):
@@ -240,6 +305,7 @@ def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     for batch in loader:
+        batch.pop("skipped")
         if batch:
             out = model(**batch)
             total += out["loss"] * out["num_tokens"]
@@ -249,12 +315,15 @@ def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
     return (total / count.clamp(min=1)).item()
 
 
-def split_holdout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out whole images, so no validation image was seen in training."""
-    keys = sorted({e.key for e in examples})
+def split_holdout(records: Records, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and validation records; whole images are held out, so no validation image
+    was seen in training (a text-only record is its own group)."""
+    groups = [records.key(i) or f"text:{i}" for i in range(len(records))]
+    keys = sorted(set(groups))
     random.Random(seed).shuffle(keys)
     held = set(keys[: int(len(keys) * fraction)])
-    return [e for e in examples if e.key not in held], [e for e in examples if e.key in held]
+    is_held = np.array([g in held for g in groups], dtype=bool)
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
 def _save(accelerator, model, optimizer, scheduler, progress: Progress, config: Config) -> None:
@@ -267,7 +336,7 @@ def _save(accelerator, model, optimizer, scheduler, progress: Progress, config: 
 
 def _summary(progress: Progress, data: StageData) -> dict:
     return {"steps": progress.step, "samples": progress.samples, "seconds": progress.seconds,
-            "examples": data.num_examples, "skipped": dict(data.collator.skipped)}
+            "examples": data.num_examples, "skipped": {**data.unreadable, **data.skipped.counts()}}
 
 
 def _precision(setting: str) -> str:

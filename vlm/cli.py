@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from vlm.config import ConfigError
-from vlm.demo.app import launch
 from vlm.evaluate import compare, run_eval
 from vlm.export import export_llava
 from vlm.files import EXAMPLES_DIR
@@ -103,6 +102,10 @@ def _run(args) -> int:
                         seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                         cot=args.cot, ocr=args.ocr, output=args.output)
     if args.command == "demo":
+        # Gradio loads only for the demo: it adds a second to every other command's start, and an
+        # environment without it (a bare GPU image) still trains and evaluates.
+        from vlm.demo.app import launch
+
         return launch(args.checkpoint, args.config, host=args.host, port=args.port, share=args.share)
     export_llava(args.checkpoint, args.out)
     return 0

@@ -87,7 +87,15 @@ class DataConfig:
     instruct: DataSource = field(default_factory=DataSource)
     val_fraction: float = 0.05
     max_length: int = 256
-    num_workers: int = 0
+    # DataLoader processes that open images and read cached features while the model computes.
+    # None: up to 8 on a GPU, sized from the CPUs each process has; 0 on a CPU, whose cores train.
+    num_workers: int | None = None
+    # The frozen part's outputs kept on disk (vlm/data/feature_cache.py). auto: on where it pays (a stage
+    # of more than one epoch, or images both stages read) and where it fits; on: always (stops if it
+    # would not fit); off: encode images at every step.
+    cache: Literal["auto", "on", "off"] = "auto"
+    cache_dir: str | None = None  # None = <user cache>/vlm/features
+    cache_max_gb: float = 0.0  # 0 = no limit but the free disk
 
 
 @dataclass
@@ -117,12 +125,10 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 200
     keep_last: int = 2
-    feature_cache: bool = True
     # torch.compile the tower and decoder blocks (decoder blocks as CUDA graphs) for training steps:
     # 2-4x the step rate of eager on an H100 for seconds of compiling (docs/benchmarks.md). None = on
     # a GPU only: on CPU, compiling costs more than it saves on short runs.
     compile: bool | None = None
-    cache_dir: str | None = None  # None = <user cache>/vlm/features
     # Energy estimate: device power x wall time x PUE x grid intensity.
     device_watts: float = 0.0  # 0 = a default for the device type (see train/report.py)
     pue: float = 1.2
@@ -206,6 +212,8 @@ def _coerce(tp, value, key: str):
         return from_dict(tp, value or {}, key + ".")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value in args:
             return value
         close = difflib.get_close_matches(str(value), args, n=1)

@@ -93,14 +93,20 @@ class VisionLanguageModel(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen part's output, what the feature cache stores: the tower's features after the
+        projector's parameter-free token compression, [num_images, num_image_tokens, features]."""
+        return self.projector.compress(self.vision(pixel_values))
+
     def image_embeddings(self, pixel_values=None, image_features=None) -> torch.Tensor | None:
-        """[num_images, num_image_tokens, lm_hidden] from pixels, or from cached encoder features;
+        """[num_images, num_image_tokens, lm_hidden] from pixels, or from `image_features` (cached);
         None for a text-only batch."""
         if pixel_values is None and image_features is None:
             return None
         if image_features is None:
-            image_features = self.vision(pixel_values)
-        return self.projector(image_features.to(next(self.projector.parameters()).dtype))
+            image_features = self.image_features(pixel_values)
+        return self.projector.project(image_features.to(next(self.projector.parameters()).dtype))
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """LM input embeddings with image embeddings written at the placeholder positions, in order."""

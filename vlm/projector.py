@@ -43,6 +43,7 @@ class Projector(nn.Module):
                     f"model.projector.num_tokens={config.num_tokens} must be a square number "
                     f"no larger than the encoder's {num_patches} patches, e.g. 16 or 64"
                 )
+        self.in_dim = in_dim  # features per image token after compression
         self.norm = nn.LayerNorm(in_dim) if config.norm == "layernorm" else nn.Identity()
         if config.type == "linear":
             self.proj = nn.Linear(in_dim, lm_dim)
@@ -72,5 +73,9 @@ class Projector(nn.Module):
         pooled = F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), target)
         return pooled.flatten(2).transpose(1, 2)
 
+    def project(self, compressed: torch.Tensor) -> torch.Tensor:
+        """The trainable part, on features that `compress` already reduced (what the feature cache stores)."""
+        return self.proj(self.norm(compressed))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(self.compress(features)))
+        return self.project(self.compress(features))

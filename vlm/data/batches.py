@@ -1,85 +1,182 @@
 """Examples -> padded training batches: chat template, expanded image tokens, assistant-only labels.
 
-Batches draw images from the feature cache when there is one, else load and preprocess them.
+Every example is encoded once, before training, in parallel processes, into flat token arrays:
+later epochs and DataLoader workers only slice them. Batches draw image features from the feature
+cache when there is one, else load and preprocess the images (in the DataLoader's workers).
 A record whose image is missing or unreadable, or whose answer does not fit max_length, is
-dropped from its batch and counted in `skipped`, never a crash.
+dropped from its batch and reported in the batch's "skipped" list, never a crash.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 from collections import defaultdict
 
-import torch
+import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from vlm.data.feature_cache import FeatureCache
-from vlm.data.sources import Example
+from vlm.data.sources import Records
 from vlm.images import ImageError
-from vlm.processor import IGNORE_INDEX, PromptError, VLMProcessor
+from vlm.processor import IGNORE_INDEX, Encoded, PromptError, VLMProcessor
 
 MISSING_IMAGE = "missing or unreadable image"
+REASONS = ("", "image tokens past max_length", "no answer tokens within max_length")
+# Below this many examples, starting processes costs more than encoding in this one.
+PARALLEL_FROM = 2000
+
+
+class TokenizedExamples:
+    """`records[indices]` encoded once: ids and labels in flat int32 arrays, a reason code where an
+    example cannot train (REASONS), exact lengths for batching by length."""
+
+    def __init__(self, records: Records, indices, processor: VLMProcessor, max_length: int,
+                 processes: int | None = None):
+        self.records = records
+        self.indices = np.asarray(indices, dtype=np.int64)
+        processes = processes or _usable_cpus()
+        chunks = np.array_split(self.indices, max(1, min(len(self.indices) // 500, processes * 8)))
+        if processes > 1 and len(self.indices) >= PARALLEL_FROM:
+            # fork: the workers inherit the tokenizer and the records instead of pickling them.
+            context = multiprocessing.get_context("fork")
+            with context.Pool(processes, initializer=_set_job, initargs=(records, processor, max_length)) as pool:
+                parts = pool.map(_encode_chunk, chunks)
+        else:
+            _set_job(records, processor, max_length)
+            parts = [_encode_chunk(chunk) for chunk in chunks]
+        lengths = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
+        self.ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+        self.labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+        self.reasons = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, np.int8)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def encoded(self, i: int) -> Encoded:
+        span = slice(self.offsets[i], self.offsets[i + 1])
+        return Encoded(self.ids[span].tolist(), self.labels[span].tolist())
+
+
+_JOB: tuple = ()
+
+
+def _set_job(records: Records, processor: VLMProcessor, max_length: int) -> None:
+    global _JOB
+    _JOB = (records, processor, max_length)
+
+
+def _encode_chunk(indices: np.ndarray):
+    records, processor, max_length = _JOB
+    ids, labels, lengths, reasons = [], [], [], []
+    for index in indices:
+        reason = 0
+        try:
+            encoded = processor.encode(records[int(index)].messages, max_length=max_length)
+            if all(label == IGNORE_INDEX for label in encoded.labels):
+                reason, encoded = 2, Encoded([], [])
+        except PromptError:
+            reason, encoded = 1, Encoded([], [])
+        ids += encoded.input_ids
+        labels += encoded.labels
+        lengths.append(len(encoded.input_ids))
+        reasons.append(reason)
+    return (np.array(ids, np.int32), np.array(labels, np.int32), np.array(lengths, np.int64),
+            np.array(reasons, np.int8))
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ConversationDataset(Dataset):
-    def __init__(self, examples: list[Example], processor: VLMProcessor, max_length: int):
+    """Items for the Collator: encoded tokens, and where the image comes from (cache row or file)."""
+
+    def __init__(self, examples: TokenizedExamples, cache: FeatureCache | None = None):
         self.examples = examples
-        self.processor = processor
-        self.max_length = max_length
+        self.cache = cache
+        # (shard, row) per example in plain arrays: workers read them without touching Python objects.
+        self.locations = cache.locate([examples.records.key(int(i)) for i in examples.indices]) if cache else None
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict:
-        item = {"index": index, "example": self.examples[index], "encoded": None, "reason": None}
-        try:
-            item["encoded"] = self.processor.encode(item["example"].messages, max_length=self.max_length)
-        except PromptError:
-            item["reason"] = "image tokens past max_length"
-            return item
-        if all(label == IGNORE_INDEX for label in item["encoded"].labels):
-            item["encoded"], item["reason"] = None, "no answer tokens within max_length"
-        return item
-
     def length(self, index: int) -> int:
-        """Cheap length proxy for grouping: characters, not tokens, so no tokenising up front."""
-        return sum(len(m["content"]) for m in self.examples[index].messages)
+        return self.examples.length(index)
+
+    def __getitem__(self, index: int) -> dict:
+        reason = REASONS[self.examples.reasons[index]]
+        item = {"index": index, "reason": reason or None, "encoded": None, "image": None, "location": None}
+        if reason:
+            return item
+        item["encoded"] = self.examples.encoded(index)
+        record = int(self.examples.indices[index])
+        if self.examples.records.key(record):  # has an image
+            if self.locations is not None:
+                item["location"] = self.locations[index]
+            else:
+                item["image"] = self.examples.records[record].load
+        return item
 
 
 class Collator:
+    """Pads a batch; reads its cached features in one go per shard, or opens and preprocesses its images.
+
+    Runs in the DataLoader's workers, so what it skips travels back in the batch ("skipped": a list
+    of (reason, index)) for the main process to count.
+    """
+
     def __init__(self, processor: VLMProcessor, cache: FeatureCache | None, pad_to_multiple_of: int | None = None):
         self.processor = processor
         self.cache = cache
         self.pad_to_multiple_of = pad_to_multiple_of
-        self._skipped: dict[str, set[int]] = defaultdict(set)
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        """Records skipped, by reason; each counted once however many epochs meet it."""
-        return {reason: len(indices) for reason, indices in self._skipped.items()}
 
     def __call__(self, items: list[dict]) -> dict:
-        kept, images = [], []
+        kept, images, locations, skipped = [], [], [], []
         for item in items:
             if item["encoded"] is None:
-                self._skipped[item["reason"]].add(item["index"])
+                skipped.append((item["reason"], item["index"]))
                 continue
-            example = item["example"]
-            if example.load is not None:
+            if item["location"] is not None:
+                if item["location"][0] < 0:  # the cache build found the image unreadable
+                    skipped.append((MISSING_IMAGE, item["index"]))
+                    continue
+                locations.append(item["location"])
+            elif item["image"] is not None:
                 try:
-                    images.append(self.cache.get([example.key])[0] if self.cache else example.load())
-                except (ImageError, KeyError):
-                    self._skipped[MISSING_IMAGE].add(item["index"])
+                    images.append(item["image"]())
+                except ImageError:
+                    skipped.append((MISSING_IMAGE, item["index"]))
                     continue
             kept.append(item["encoded"])
         if not kept:
-            return {}
+            return {"skipped": skipped}
         batch = self.processor.pad(kept, pad_to_multiple_of=self.pad_to_multiple_of)
-        if images and self.cache:
-            batch["image_features"] = torch.stack(images)
+        if locations:
+            batch["image_features"] = self.cache.read(np.stack(locations))
         elif images:
             batch["pixel_values"] = self.processor.image_transform(images)
+        batch["skipped"] = skipped
         return batch
+
+
+class SkipCounter:
+    """Records skipped, by reason, each counted once however many epochs meet it."""
+
+    def __init__(self):
+        self._seen: dict[str, set[int]] = defaultdict(set)
+
+    def add(self, skipped: list[tuple[str, int]]) -> None:
+        for reason, index in skipped:
+            self._seen[reason].add(index)
+
+    def counts(self) -> dict[str, int]:
+        return {reason: len(indices) for reason, indices in self._seen.items()}
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -90,8 +187,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     in accelerate's dataloader wrapper, keeps that position under our control on every process.
     """
 
-    def __init__(self, dataset: ConversationDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 megabatch: int = 50):
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, megabatch: int = 50):
         self.dataset, self.batch_size, self.seed, self.megabatch = dataset, batch_size, seed, megabatch
         self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = 0, 0

@@ -11,13 +11,17 @@
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
+import itertools
 import json
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from vlm.config import ConfigError, DataSource
@@ -42,10 +46,70 @@ class Example:
     messages: list[dict]
 
 
-def load_examples(source: DataSource, stage: str) -> list[Example]:
+class FileImages:
+    """Opens images by path, relative to `root` when there is one."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root
+
+    def __call__(self, path: str) -> Image.Image:
+        return load_image(self.root / path if self.root else path)
+
+
+class DatasetImages:
+    """Opens the image in row `index` of a Hugging Face dataset's `column` (Arrow, memory-mapped)."""
+
+    def __init__(self, dataset, column: str):
+        self.dataset, self.column = dataset, column
+
+    def __call__(self, index: int) -> Image.Image:
+        return load_image(self.dataset[index][self.column])
+
+
+class Records(Sequence):
+    """A stage's examples held compactly: each one's key, image reference and messages as a JSON line
+    in one bytes buffer, with offsets.
+
+    A Python list of 665k examples' dicts and strings costs gigabytes, and every forked DataLoader
+    worker copies the pages whose reference counts it touches; one numpy buffer is shared untouched.
+    `skipped` counts the records that could not become examples, by reason.
+    """
+
+    def __init__(self, rows: Iterable[tuple[str, object, list[dict]]], images: Callable | None = None,
+                 skipped: collections.Counter | None = None):
+        lines, keys = bytearray(), bytearray()
+        line_ends, key_ends = [0], [0]
+        for key, image, messages in rows:
+            lines += json.dumps([image, messages]).encode()
+            keys += key.encode()
+            line_ends.append(len(lines))
+            key_ends.append(len(keys))
+        self._lines, self._line_ends = np.frombuffer(bytes(lines), np.uint8), np.array(line_ends, np.int64)
+        self._keys, self._key_ends = np.frombuffer(bytes(keys), np.uint8), np.array(key_ends, np.int64)
+        self.images = images
+        self.skipped = skipped or collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._line_ends) - 1
+
+    def key(self, index: int) -> str:
+        return self._keys[self._key_ends[index]: self._key_ends[index + 1]].tobytes().decode()
+
+    def keys(self) -> list[str]:
+        return [self.key(i) for i in range(len(self))]
+
+    def __getitem__(self, index: int) -> Example:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        image, messages = json.loads(self._lines[self._line_ends[index]: self._line_ends[index + 1]].tobytes())
+        load = None if image is None else functools.partial(self.images, image)
+        return Example(self.key(index), load, messages)
+
+
+def load_examples(source: DataSource, stage: str) -> Records:
     loaders = {"easy_vqa": _easy_vqa, "llava": _llava, "hf": _hugging_face}
-    examples = loaders[source.kind](source, stage)
-    return examples[: source.limit] if source.limit else examples
+    return loaders[source.kind](source, stage)
 
 
 def check_source(source: DataSource, stage: str) -> None:
@@ -70,53 +134,88 @@ def check_source(source: DataSource, stage: str) -> None:
 
 
 def _file_key(path: Path) -> str:
-    stat = path.stat() if path.exists() else None
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}" if stat else f"{path.resolve()}:missing"
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return f"{os.path.abspath(path)}:missing"
+    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _easy_vqa(source: DataSource, stage: str) -> list[Example]:
+def _limited(rows: Iterable, limit: int) -> Iterable:
+    return itertools.islice(rows, limit) if limit else rows
+
+
+def _easy_vqa(source: DataSource, stage: str) -> Records:
     records = easy_vqa_questions(source.split)
-    paths = {r["image_id"]: Path(r["image"]) for r in records}
+    paths = {r["image_id"]: r["image"] for r in records}
     if stage == "align":
-        captions = describe(records)
-        return [_example(paths[i], [_user(CAPTION_PROMPT, True), _assistant(c)]) for i, c in sorted(captions.items())]
+        rows = [(_file_key(Path(paths[i])), paths[i], [_user(CAPTION_PROMPT, True), _assistant(c)])
+                for i, c in sorted(describe(records).items())]
+        return Records(_limited(rows, source.limit), FileImages())
     by_image = collections.defaultdict(list)
     for r in records:
         by_image[r["image_id"]].append(r)
-    examples = []
+    rows = []
     for image_id, questions in sorted(by_image.items()):
+        key = _file_key(Path(paths[image_id]))
         for start in range(0, len(questions), EASY_VQA_TURNS):
             messages = []
             for turn, r in enumerate(questions[start: start + EASY_VQA_TURNS]):
                 messages += [_user(f"{r['question']}\n{SHORT_ANSWER}", turn == 0), _assistant(r["answer"])]
-            examples.append(_example(paths[image_id], messages))
+            rows.append((key, paths[image_id], messages))
     # The dataset lists each image's questions together; interleave so a prefix (data limit) spans many images.
-    random.Random(0).shuffle(examples)
-    return examples
+    random.Random(0).shuffle(rows)
+    return Records(_limited(rows, source.limit), FileImages())
 
 
-def _llava(source: DataSource, stage: str) -> list[Example]:
+def _llava(source: DataSource, stage: str) -> Records:
     try:
-        records = json.loads(Path(source.path).read_text())
-    except json.JSONDecodeError as e:
+        with open(source.path, "rb") as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"data.{stage}.path={source.path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise ConfigError(f"data.{stage}.path={source.path}: a LLaVA JSON holds a list of records, not a "
+                          f"{type(records).__name__}")
     root = Path(source.image_root)
-    examples = []
-    for record in records:
-        conversation = record.get("conversations") if isinstance(record, dict) else None
-        if not conversation:
-            continue  # counted by the caller as malformed via len(records) - len(examples)
-        messages = [
-            {"role": ROLES.get(turn.get("from"), "user"), "content": turn.get("value", "")} for turn in conversation
-        ]
-        if "image" in record:
-            examples.append(_example(root / record["image"], with_image_placeholder(messages)))
-        else:
-            examples.append(Example(key="", load=None, messages=[_strip_image_token(m) for m in messages]))
-    return examples
+    skipped: collections.Counter = collections.Counter()
+
+    def rows():
+        for record in records:
+            parsed = _parse_llava_record(record)
+            if isinstance(parsed, str):
+                skipped[parsed] += 1
+                continue
+            image, messages = parsed
+            yield ("" if image is None else _file_key(root / image)), image, messages
+
+    # The parsed JSON, the largest transient of a run, is freed on return, before any worker forks.
+    return Records(_limited(rows(), source.limit), FileImages(root), skipped)
 
 
-def _hugging_face(source: DataSource, stage: str) -> list[Example]:
+def _parse_llava_record(record) -> tuple[str | None, list[dict]] | str:
+    """(image path or None, chat messages), or the reason the record cannot be trained on."""
+    if not isinstance(record, dict):
+        return "record is not a JSON object"
+    conversation = record.get("conversations")
+    if not isinstance(conversation, list) or not conversation:
+        return "no conversations"
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversation):
+        return "a turn without a text value"
+    messages = [{"role": ROLES.get(turn.get("from"), "user"), "content": turn["value"]} for turn in conversation]
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no answer turn"
+    image = record.get("image")
+    if image is None:
+        return None, [_strip_image_token(m) for m in messages]
+    if not isinstance(image, str) or not image:
+        return "image is not a file name"
+    if sum(m["content"].count(IMAGE_TOKEN) for m in messages) > 1:
+        return "several <image> placeholders for one image"
+    return image, with_image_placeholder(messages)
+
+
+def _hugging_face(source: DataSource, stage: str) -> Records:
     import datasets
 
     path = Path(source.path)
@@ -135,23 +234,19 @@ def _hugging_face(source: DataSource, stage: str) -> list[Example]:
     cols = source.columns
     fingerprint = hashlib.sha256(f"{source.path}:{source.split}:{dataset._fingerprint}".encode()).hexdigest()[:16]
     texts = dataset.remove_columns([cols["image"]])
-    examples = []
-    for i, row in enumerate(texts):
-        if stage == "align":
-            messages = [_user(CAPTION_PROMPT, True), _assistant(_one_answer(row[cols["caption"]]))]
-        else:
-            messages = [
-                _user(f"{row[cols['question']]}\n{SHORT_ANSWER}", True),
-                _assistant(_one_answer(row[cols["answer"]])),
-            ]
-        examples.append(
-            Example(key=f"hf:{fingerprint}:{i}", load=_hf_image_loader(dataset, cols["image"], i), messages=messages)
-        )
-    return examples
 
+    def rows():
+        for i, row in enumerate(texts):
+            if stage == "align":
+                messages = [_user(CAPTION_PROMPT, True), _assistant(_one_answer(row[cols["caption"]]))]
+            else:
+                messages = [
+                    _user(f"{row[cols['question']]}\n{SHORT_ANSWER}", True),
+                    _assistant(_one_answer(row[cols["answer"]])),
+                ]
+            yield f"hf:{fingerprint}:{i}", i, messages
 
-def _hf_image_loader(dataset, column: str, index: int) -> Callable[[], Image.Image]:
-    return lambda: load_image(dataset[index][column])
+    return Records(_limited(rows(), source.limit), DatasetImages(dataset, cols["image"]))
 
 
 def _one_answer(value) -> str:
@@ -160,10 +255,6 @@ def _one_answer(value) -> str:
         texts = [v["answer"] if isinstance(v, dict) else v for v in value]
         return collections.Counter(texts).most_common(1)[0][0] if texts else ""
     return str(value)
-
-
-def _example(path: Path, messages: list[dict]) -> Example:
-    return Example(key=_file_key(path), load=lambda: load_image(path), messages=messages)
 
 
 def _user(text: str, with_image: bool) -> dict:
