@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,6 +70,7 @@ def main(argv=None) -> None:
           f"{feature_spec(model).dim} stored per image; tower alone {alone:.0f} images/s", flush=True)
     rows = []
     for n in args.images:
+        Path(config.data.cache_dir or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=config.data.cache_dir) as root:
             cache = FeatureCache(feature_spec(model), root)
             sampler = Sampler(os.getpid(), period=0.5)
@@ -85,7 +87,8 @@ def main(argv=None) -> None:
         rows.append({"images": n, "cached": built, "build s": seconds, "build images/s": n / seconds,
                      "tower alone images/s": alone, "build / tower": n / seconds / alone,
                      "peak RSS GiB": max(s["rss"] for s in sampler.samples) / 2**30,
-                     "peak PSS GiB": max(s["pss"] for s in sampler.samples) / 2**30})
+                     "peak PSS GiB": max(s["pss"] for s in sampler.samples) / 2**30,
+                     "peak private GiB": max(s["uss"] for s in sampler.samples) / 2**30})
         print(rows[-1], flush=True)
     print()
     print_table(rows, list(rows[0]))

@@ -625,7 +625,8 @@ def instruct_records(seed: int, index: int) -> list[dict]:
     shares = [share for _, share, _ in CONVERSATION_KINDS]
     for k in range(1 + int(rng.random() < 0.2)):
         builder, _, image_first = CONVERSATION_KINDS[int(rng.choice(len(shares), p=shares))]
-        pairs = builder(picture, rng)
+        # Some scenes give a builder nothing to ask (1 in ~1,000 at 100k images); conversation always can.
+        pairs = builder(picture, rng) or conversation_pairs(picture, rng)
         first_question, first_answer = pairs[0]
         pairs[0] = (with_image(first_question, rng, before_only=image_first), first_answer)
         records.append({"id": f"{index:09d}-{k}", "image": image_path(index), "conversations": turns(pairs)})

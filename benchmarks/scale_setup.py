@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     vision_dir, lm_dir = write_backbones(args.out, args.tokenizer)
     data_dir = args.out / "data"
     if not (data_dir / "manifest.json").is_file():
-        generate = ["--out", str(data_dir), "--images", str(args.images), "--no-parquet",
+        generate = ["--out", str(data_dir), "--images", str(args.images), "--no-parquet", "--overwrite",
                     "--vqa-questions", str(args.vqa_questions)]
         make_llava_data.main(generate + (["--workers", str(args.workers)] if args.workers else []))
     print(write_preset(args.out, vision_dir, lm_dir, data_dir))

@@ -9,8 +9,10 @@
 Each --run is one `vlm train` process (the preset plus those overrides) in a fresh output folder;
 a run with data.cache=on is compared with the cached step-only rate, any other with the pixel one.
 While it runs, GPU utilisation (nvidia-smi) and the memory of the process and its DataLoader
-workers (RSS, and PSS, which counts pages the workers share with the main process once) are
-sampled. Its steady rate is the median samples/s of the logged windows after the first quarter.
+workers are sampled: RSS, PSS (pages shared by several processes counted once) and "private", each
+process's own pages (USS), which is what a worker copied rather than shares. PSS also counts the
+memory-mapped cache shards: page cache the kernel can drop. Its steady rate is the median samples/s
+of the logged windows after the first quarter.
 The reference is `benchmarks.train_throughput` (vlm compiled, the same backbones and batch, at the
 run's mean padded sequence length), measured in the same invocation.
 """
@@ -48,18 +50,18 @@ class Sampler(threading.Thread):
             self.stop.wait(self.period)
 
     def _memory(self) -> dict:
-        rss = pss = 0
+        rss = pss = uss = 0
         try:
             processes = [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return {"rss": 0, "pss": 0, "processes": 0}
+            return {"rss": 0, "pss": 0, "uss": 0, "processes": 0}
         for process in processes:
             try:
                 info = process.memory_full_info()
-                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+                rss, pss, uss = rss + info.rss, pss + getattr(info, "pss", info.rss), uss + info.uss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        return {"rss": rss, "pss": pss, "processes": len(processes)}
+        return {"rss": rss, "pss": pss, "uss": uss, "processes": len(processes)}
 
 
 def _gpu_busy() -> float | None:
@@ -97,6 +99,7 @@ def run_training(preset: Path, stage: str, overrides: list[str], output_dir: Pat
         "GPU busy %": statistics.mean(busy) if busy else None,
         "peak RSS GiB": max(s["rss"] for s in sampler.samples) / 2**30,
         "peak PSS GiB": max(s["pss"] for s in sampler.samples) / 2**30,
+        "peak private GiB": max(s["uss"] for s in sampler.samples) / 2**30,
         "processes": max(s["processes"] for s in sampler.samples),
         "wall s": time.time() - started,
         "stage s": report["stages"][stage]["seconds"],
@@ -143,7 +146,7 @@ def main(argv=None) -> None:
         row["share of step-only"] = row["samples/s"] / ref
     print()
     print_table(rows, ["run", "samples/s", "step-only samples/s", "share of step-only", "GPU busy %",
-                       "tokens/sample", "peak RSS GiB", "peak PSS GiB", "processes", "stage s", "skipped"])
+                       "tokens/sample", "peak private GiB", "peak PSS GiB", "processes", "stage s", "skipped"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -45,8 +45,9 @@ PREFIX, ANSWER, SUFFIX = 5, 8, 3
 COLUMNS = ["backbones", "stage", "system", "samples/s", "tokens/s", "step ms", "peak GiB", "MFU %"]
 
 
-def make_batch(batch: int, image_tokens: int, text_tokens: int, image_token_id: int, device: str):
-    """Token ids [prefix][image x N][question][answer][suffix] with labels on the answer only."""
+def make_batch(batch: int, image_tokens: int, text_tokens: int, image_token_id: int, device: str, processor=None):
+    """Token ids [prefix][image x N][question][answer][suffix] with labels on the answer only; with vlm's
+    `processor`, the batch as vlm's collator hands it over (positions found on the CPU, no mask)."""
     question = text_tokens - PREFIX - ANSWER - SUFFIX
     g = torch.Generator().manual_seed(0)
     text = torch.randint(3, image_token_id, (batch, text_tokens), generator=g)  # below the placeholder id
@@ -55,8 +56,11 @@ def make_batch(batch: int, image_tokens: int, text_tokens: int, image_token_id: 
     labels = torch.full_like(input_ids, -100)
     answer = slice(PREFIX + image_tokens + question, PREFIX + image_tokens + question + ANSWER)
     labels[:, answer] = input_ids[:, answer]
-    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
-            "labels": labels.to(device)}
+    cpu = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    if processor is not None:
+        cpu.update(processor.training_positions(cpu))
+        del cpu["attention_mask"]
+    return {key: value.to(device) for key, value in cpu.items()}
 
 
 def make_step(model, loss_fn, device: str):
@@ -146,7 +150,8 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
             _print_attention(system, model.vision.tower.config, model.lm.config)
             if system == "vlm compiled":
                 model.compile_for_training()
-            batch = make_batch(args.batch, image_tokens, args.text_tokens, model.processor.image_token_id, device)
+            batch = make_batch(args.batch, image_tokens, args.text_tokens, model.processor.image_token_id, device,
+                               model.processor)
             tag = system.replace(" ", "_")
             step = make_step(model, lambda m=model, b=batch: m(**b, pixel_values=pixels)["loss"], device)
             record(

@@ -13,7 +13,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from vlm.config import ConfigError
 from vlm.files import EXAMPLES_DIR
 from vlm.images import ImageError, load_image
-from vlm.model import VisionLanguageModel, load_model
+from vlm.model import VisionLanguageModel, check_generation_settings, load_model
 from vlm.processor import PromptError
 
 # Answers generated at once on the one shared model (thread-safe: the same greedy answers as one at
@@ -26,6 +26,10 @@ EXAMPLES = [
     ("shape_1.png", "What color is the shape?"),
     ("shape_10.png", "Is there a circle in the image?"),
     ("cat.jpg", "What is in the picture?"),
+    # Drawn by benchmarks/render_shapes.py, not easy-VQA's program: rotated, other sizes, shades and backgrounds.
+    ("drawn_rotated_triangle.png", "What shape is in the image?"),
+    ("drawn_gray_circle.png", "What color is the shape?"),
+    ("drawn_blue_rectangle.png", "What is the blue shape?"),
 ]
 NO_IMAGE = "Upload an image (or pick an example below), then ask a question about it."
 
@@ -86,13 +90,15 @@ def build_app(model: VisionLanguageModel, checkpoint_label: str) -> gr.Blocks:
         answer = ""
         stop = threading.Event()
         try:
+            # gradio holds API calls to the sliders' bounds too, but NaN compares false to both and gets through.
+            check_generation_settings(max_new_tokens, temperature, top_p, flag_prefix="")
             for piece in model.stream_chat(session["image"], messages, temperature=temperature, top_p=top_p,
                                            max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
                                            stopping_criteria=StoppingCriteriaList([_StopWhen(stop)])):
                 answer += piece
                 chat[-1]["content"] = answer
                 yield chat, session, None
-        except PromptError as e:
+        except (ConfigError, PromptError) as e:
             chat[-1]["content"] = f"Sorry, {e}."
             yield chat, session, None
             return

@@ -1,6 +1,7 @@
 """`vlm demo` served on 127.0.0.1 and driven through gradio_client, as a remote user's program would."""
 
 import itertools
+import json
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 from bad_images import WHAT_THE_USER_IS_TOLD, broken_images, odd_images
 from demo_server import CHECKPOINT_LABEL, free_port
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 from vlm.cli import main
 from vlm.demo.app import NO_IMAGE
@@ -94,6 +96,48 @@ def test_a_bad_upload_gets_a_friendly_message_and_the_app_keeps_answering(demo_u
     assert words(text_of(chat[-1])) == expected_answer(demo_model, SHAPE, ["what is this?"])
 
 
+def test_a_question_past_the_lms_context_gets_a_friendly_message_and_the_app_keeps_answering(demo_url, demo_model):
+    client = connect(demo_url)
+    chat, _ = ask(client, "circle " * 600, SHAPE)
+    reply = text_of(chat[-1])
+    assert reply.startswith("Sorry, the prompt is ") and "context of 512 tokens" in reply
+    chat, _ = ask(client, "what shape is in the image?")
+    assert words(text_of(chat[-1])) == expected_answer(demo_model, SHAPE, ["what shape is in the image?"])
+
+
+def test_image_placeholders_typed_in_a_question_are_text_and_get_an_answer(demo_url, demo_model):
+    question = "<image> and <image>: what shape?"
+    chat, _ = ask(connect(demo_url), question, SHAPE)
+    assert words(text_of(chat[-1])) == expected_answer(demo_model, SHAPE, [question])
+
+
+@pytest.mark.parametrize("setting", [{"max_new_tokens": 0}, {"top_p": 2.0}, {"temperature": -1.0}])
+def test_generation_settings_out_of_range_are_one_line_and_the_app_keeps_answering(demo_url, demo_model, setting):
+    client = connect(demo_url)
+    message = {"text": "what shape is in the image?", "files": [handle_file(str(SHAPE))]}
+    with pytest.raises(AppError) as refusal:  # the sliders' bounds, which gradio holds API calls to
+        client.submit(message, **{"max_new_tokens": TOKENS, **setting}, api_name="/chat").result(timeout=120)
+    assert len(str(refusal.value).splitlines()) == 1 and str(next(iter(setting.values()))) in str(refusal.value)
+    chat, _ = ask(client, "what shape is in the image?", SHAPE)
+    assert words(text_of(chat[-1])) == expected_answer(demo_model, SHAPE, ["what shape is in the image?"])
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "max_new_tokens"])
+def test_a_nan_setting_from_an_api_client_is_refused_by_name(demo_url, name):
+    # NaN compares false to both of a slider's bounds, so gradio lets it through; gradio_client cannot send it.
+    with open(SHAPE, "rb") as f:
+        (path,) = httpx.post(f"{demo_url}gradio_api/upload", files={"files": (SHAPE.name, f, "image/png")}).json()
+    message = {"text": "what shape is in the image?", "files": [{"path": path, "meta": {"_type": "gradio.FileData"}}]}
+    settings = {"temperature": "0", "top_p": "0.9", "max_new_tokens": str(TOKENS), name: "NaN"}
+    values = ", ".join(settings[k] for k in ("temperature", "top_p", "max_new_tokens"))
+    body = f'{{"data": [{json.dumps(message)}, {values}]}}'
+    event = httpx.post(f"{demo_url}gradio_api/call/chat", content=body, headers={"content-type": "application/json"})
+    stream = httpx.get(f"{demo_url}gradio_api/call/chat/{event.json()['event_id']}", timeout=120).text
+    chat = json.loads(stream.strip().splitlines()[-1].removeprefix("data: "))[0]
+    reply = chat[-1]["content"][0]["text"]
+    assert reply.startswith(f"Sorry, {name.replace('_', '-')} must be") and reply.endswith("got nan.")
+
+
 @pytest.mark.parametrize("name", ["cmyk.jpg", "transparent.png", "greyscale.png", "animated.gif"])
 def test_odd_but_readable_images_are_answered(demo_url, demo_model, tmp_path, name):
     path = odd_images(tmp_path)[name]
@@ -119,14 +163,14 @@ def test_a_user_who_leaves_mid_answer_stops_the_generation(demo_url, demo_model)
     steps = []
 
     def count_a_slow_step(*_):
-        # A tiny LM could otherwise finish all 500 tokens before the cancel lands on a busy machine.
+        # A tiny LM could otherwise finish all 400 tokens before the cancel lands on a busy machine.
         steps.append(1)
         time.sleep(0.01)
 
     hook = demo_model.lm.register_forward_hook(count_a_slow_step)
     try:
         job = connect(demo_url).submit({"text": "what shape is it?", "files": [handle_file(str(SHAPE))]},
-                                       max_new_tokens=500, api_name="/chat")
+                                       max_new_tokens=400, api_name="/chat")  # with the prompt, within 512
         while not any(text_of(out[0][-1]) for out in job.outputs() if out[0] and out[0][-1]["role"] == "assistant"):
             time.sleep(0.05)
         job.cancel()
@@ -135,7 +179,7 @@ def test_a_user_who_leaves_mid_answer_stops_the_generation(demo_url, demo_model)
         time.sleep(1.0)
     finally:
         hook.remove()
-    assert len(steps) == stopped_at < 500
+    assert len(steps) == stopped_at < 400
 
 
 def status_line(client) -> str:

@@ -122,6 +122,9 @@ class ScriptedModel:
         self.max_new_tokens.append(max_new_tokens)
         return [self.reply for _ in conversations]
 
+    def check_prompt_fits(self, image, messages, max_new_tokens):
+        pass
+
     def eval(self):
         return self
 
@@ -249,3 +252,22 @@ def test_multiple_choice_scoring_of_known_predictions():
     metrics = score("choice", items)
     assert [i["choice"] for i in items] == ["B", "C", "B", None]
     assert metrics["accuracy"]["value"] == 0.5 and metrics["accuracy"]["n"] == 4
+
+
+def test_a_question_past_the_lms_context_is_skipped_with_its_reason_and_the_rest_answered(tiny_model, images):
+    from vlm.evaluate import generate
+    from vlm.vqa_benchmarks import get_benchmark
+
+    class Selection(list):
+        benchmark = get_benchmark("vqav2")
+
+    def record(i, question):
+        return {"index": i, "question_id": i, "image": images[i], "question": question, "answers": ["red"] * 10}
+
+    selection = Selection([record(0, "what color?"), record(1, "circle " * 600), record(2, "what shape?")])
+    items, skipped = generate(tiny_model, selection, cot=False, ocr=False, batch_size=2, max_new_tokens=4)
+    assert [i["question_id"] for i in items] == [0, 2]
+    assert [(s["index"], s["question_id"]) for s in skipped] == [(1, 1)]
+    assert "context of 512 tokens" in skipped[0]["error"] and json.dumps(skipped)  # results.json holds it
+    alone = tiny_model.chat([images[2]], [[{"role": "user", "content": items[1]["prompt"]}]], max_new_tokens=4)[0]
+    assert items[1]["prediction"] == alone

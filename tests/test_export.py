@@ -1,3 +1,5 @@
+import sys
+
 import huggingface_hub.constants
 import pytest
 import torch
@@ -33,13 +35,29 @@ def tied_lm_dir(tiny_lm_dir, tmp_path_factory):
     return path
 
 
-def checkpoint(config: ModelConfig, path):
-    """A saved vlm checkpoint whose projector is far from its init, so the image drives the output."""
+def checkpoint(config: ModelConfig, path, lm_weights: str = "none", lora_targets="all-linear"):
+    """A saved vlm checkpoint whose projector is far from its init, so the image drives the output.
+
+    lm_weights="lora" wraps the LM in a LoRA adapter as `vlm train` does (train_lm=lora) and "full" trains
+    the whole LM (train_lm=full); either way the LM's change is random and large enough to move the logits.
+    """
     torch.manual_seed(0)
     model = VisionLanguageModel.from_config(config)
     with torch.no_grad():
         for p in model.projector.parameters():
             p.normal_(0, 1)
+        if lm_weights == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model.lm = get_peft_model(model.lm, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets,
+                                                           task_type="CAUSAL_LM"))
+            for name, p in model.lm.named_parameters():
+                if "lora_B" in name:  # a fresh LoRA B is zero: the adapter would change nothing, merged or not
+                    p.normal_(0, 0.2)
+        elif lm_weights == "full":
+            model.lm.requires_grad_(True)  # what train_lm=full leaves; save_pretrained writes the LM to lm/
+            for p in model.lm.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05)
     model.save_pretrained(path)
     return model
 
@@ -48,7 +66,11 @@ def load_offline(out, monkeypatch):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # any Hub request raises
-    return AutoModelForImageTextToText.from_pretrained(out), AutoProcessor.from_pretrained(out)
+    with monkeypatch.context() as no_peft:  # plain transformers: any import of peft while loading raises
+        for name in [name for name in sys.modules if name == "peft" or name.startswith("peft.")]:
+            no_peft.setitem(sys.modules, name, None)
+        llava = AutoModelForImageTextToText.from_pretrained(out)
+    return llava, AutoProcessor.from_pretrained(out)
 
 
 def exported_inputs(processor, image):
@@ -70,6 +92,15 @@ def test_exported_llava_matches_vlm(vision, projector, drop_cls, lm, request, im
     assert_export_matches(config, images, tmp_path, monkeypatch)
 
 
+@pytest.mark.parametrize("lm_weights, lm", [("lora", "untied"), ("lora", "tied"), ("full", "untied"), ("full", "tied")])
+def test_exported_llava_carries_the_trained_lm(lm_weights, lm, request, tiny_clip_dir, images, tmp_path, monkeypatch):
+    """Stage 2 trained the LM too: LoRA merged into the LM's weights, or the fine-tuned LM from lm/."""
+    lm_dir = request.getfixturevalue("tiny_lm_dir" if lm == "untied" else "tied_lm_dir")
+    config = ModelConfig(vision=VisionConfig(backend="hf", name=str(tiny_clip_dir)), lm=LMConfig(name=str(lm_dir)))
+    assert_export_matches(config, images, tmp_path, monkeypatch, lm_weights)
+    assert not [p.name for p in (tmp_path / "out").iterdir() if "adapter" in p.name or p.name in ("lora", "lm")]
+
+
 @pytest.mark.integration
 def test_export_with_the_packaged_lm_matches_vlm(tiny_clip_dir, images, tmp_path, monkeypatch):
     """The real SmolLM2: tied head, 49k vocabulary, a chat template that adds a default system turn."""
@@ -78,12 +109,18 @@ def test_export_with_the_packaged_lm_matches_vlm(tiny_clip_dir, images, tmp_path
     assert_export_matches(config, images, tmp_path, monkeypatch)
 
 
-def assert_export_matches(config: ModelConfig, images, tmp_path, monkeypatch):
-    """Same prompt ids, pixels, logits and greedy tokens from vlm and from the exported LLaVA folder."""
-    model = checkpoint(config, tmp_path / "ckpt")
+def assert_export_matches(config: ModelConfig, images, tmp_path, monkeypatch, lm_weights: str = "none"):
+    """Same prompt ids, pixels, logits and greedy tokens from vlm (as `vlm chat` loads the checkpoint)
+    and from the exported LLaVA folder."""
+    checkpoint(config, tmp_path / "ckpt", lm_weights)
     export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    model = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
     llava, processor = load_offline(tmp_path / "out", monkeypatch)
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
+    assert not [m for m in llava.modules() if type(m).__module__.startswith("peft")]
+    assert not [k for k in llava.state_dict() if "lora" in k]
+    tied = model.lm.get_output_embeddings().weight is model.lm.get_input_embeddings().weight
+    assert (llava.get_output_embeddings().weight is llava.get_input_embeddings().weight) == tied
 
     ours = model.prepare([images[0]], [[{"role": "user", "content": QUESTION}]])
     theirs = exported_inputs(processor, images[0])
@@ -97,6 +134,11 @@ def assert_export_matches(config: ModelConfig, images, tmp_path, monkeypatch):
         other_image = llava(**exported_inputs(processor, images[1])).logits
     torch.testing.assert_close(logits[..., :vocab], expected)
     assert not torch.allclose(other_image, logits, atol=1e-3)  # the image reaches the output
+    if lm_weights != "none":  # the trained LM reaches the output: the checkpoint's projector on the base LM differs
+        base = VisionLanguageModel.from_config(config)
+        base.load_projector(tmp_path / "ckpt")
+        with torch.no_grad():
+            assert not torch.allclose(base(**ours).logits, logits[..., :vocab], atol=1e-3)
 
     generated = llava.generate(**theirs, max_new_tokens=12, do_sample=False)[:, theirs["input_ids"].shape[1]:]
     assert generated.tolist() == model.generate(**ours, max_new_tokens=12).tolist()
@@ -153,12 +195,13 @@ def test_projector_llava_cannot_express_is_refused_with_the_reason(tiny_model_co
         export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
 
 
-def test_checkpoint_with_lm_weights_is_refused(tiny_model_config, tmp_path):
-    checkpoint(tiny_model_config, tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "lora").mkdir()
-    (tmp_path / "ckpt" / "lora" / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(ConfigError, match="adapter_model.safetensors"):
+def test_lora_on_a_tied_lm_head_is_refused(tied_lm_dir, tiny_clip_dir, tmp_path):
+    """Merged into the one matrix a tied LM shares, an adapter on its head would change its input embeddings too."""
+    config = ModelConfig(vision=VisionConfig(backend="hf", name=str(tiny_clip_dir)), lm=LMConfig(name=str(tied_lm_dir)))
+    checkpoint(config, tmp_path / "ckpt", "lora", lora_targets=["q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match="LM head of an LM whose input and output embeddings are one shared matrix"):
         export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_lm_with_scaled_logits_is_refused(tiny_lm_dir, tiny_clip_dir, tmp_path):

@@ -194,7 +194,8 @@ def train_stage(run: Run, name: str, records: Records, resume_from: Path | None)
             data.skipped.add(batch.pop("skipped"))
             if not batch:
                 continue
-            batch = send_to_device(batch, accelerator.device)
+            # Pinned batches copy while the GPU still runs the last step; nothing in the step waits on the GPU.
+            batch = send_to_device(batch, accelerator.device, non_blocking=True)
             # Accumulation by hand: checkpoints fall on optimizer steps, so a resumed run restarts
             # the count at zero exactly where the interrupted one did.
             micro += 1

@@ -14,7 +14,7 @@ from vlm.evaluate import compare, run_eval
 from vlm.export import export_llava
 from vlm.files import EXAMPLES_DIR
 from vlm.images import ImageError, load_image
-from vlm.model import load_model
+from vlm.model import check_generation_settings, load_model
 from vlm.processor import PromptError
 from vlm.train.trainer import run_training
 from vlm.vqa_benchmarks import BENCHMARKS
@@ -112,6 +112,7 @@ def _run(args) -> int:
 
 
 def _chat(args) -> int:
+    check_generation_settings(args.max_new_tokens, args.temperature, args.top_p)
     image = load_image(args.image)
     model = load_model(args.checkpoint, args.config, announce=lambda m: print(m, file=sys.stderr))
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}

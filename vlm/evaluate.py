@@ -25,7 +25,8 @@ from vlm.metrics import (
     summarize,
     vqa_accuracy,
 )
-from vlm.model import CONFIG_FILE, default_checkpoint, load_model, read_checkpoint_config
+from vlm.model import CONFIG_FILE, check_generation_settings, default_checkpoint, load_model, read_checkpoint_config
+from vlm.processor import PromptError
 from vlm.vqa_benchmarks import build_prompt, get_benchmark, select
 
 DEFAULT_MAX_NEW_TOKENS = 16  # LLaVA-1.5's and lmms-eval's budget for short answers
@@ -43,10 +44,10 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
         raise ConfigError("--ocr adds TextVQA's OCR tokens to the prompt; use it with --benchmark textvqa")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if max_new_tokens is None:
+        max_new_tokens = COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS
+    check_generation_settings(max_new_tokens)
     checkpoint = _checkpoint_dir(checkpoint)
-    max_new_tokens = max_new_tokens or (COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS)
     # The data is opened (and its columns checked) before the model loads, so a wrong path fails fast.
     selection = select(task, data=data, split=split, limit=limit, seed=seed)
     suffix = ("-ocr" if ocr else "") + ("-cot" if cot else "")
@@ -113,7 +114,8 @@ def _to_accelerator(model) -> None:
 
 
 def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new_tokens: int):
-    """Greedy answers for every well-formed record; malformed ones come back in `skipped`."""
+    """Greedy answers for every well-formed record; malformed ones, and ones too long for the LM's
+    context, come back in `skipped`."""
     from tqdm import tqdm
 
     benchmark = selection.benchmark
@@ -122,12 +124,10 @@ def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new
     batch: list[dict] = []
 
     def flush():
-        prompts = [build_prompt(r, benchmark, cot=cot, ocr=ocr) for r in batch]
-        replies = model.chat([r["image"] for r in batch], [[{"role": "user", "content": p}] for p in prompts],
+        replies = model.chat([r["image"] for r in batch], [[{"role": "user", "content": r["prompt"]}] for r in batch],
                              max_new_tokens=max_new_tokens)
-        for record, prompt, reply in zip(batch, prompts, replies, strict=True):
+        for record, reply in zip(batch, replies, strict=True):
             item = {k: v for k, v in record.items() if k not in ("image", "context", "ocr_tokens")}
-            item["prompt"] = prompt
             item["prediction"] = extract_final_answer(reply) if cot else reply
             if cot:
                 item["reply"] = reply
@@ -137,6 +137,14 @@ def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new
 
     with tqdm(total=len(selection), desc=benchmark.name, unit="q", file=sys.stderr, disable=None) as progress:
         for record in selection:
+            if "error" not in record:
+                record["prompt"] = build_prompt(record, benchmark, cot=cot, ocr=ocr)
+                try:
+                    model.check_prompt_fits(
+                        record["image"], [{"role": "user", "content": record["prompt"]}], max_new_tokens
+                    )
+                except PromptError as e:
+                    record = {"index": record["index"], "question_id": record["question_id"], "error": str(e)}
             if "error" in record:
                 skipped.append(record)
                 progress.update(1)

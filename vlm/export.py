@@ -4,6 +4,8 @@ The folder loads with `AutoModelForImageTextToText` / `AutoProcessor` and no vlm
 engines that read LLaVA checkpoints can run it. Only what LLaVA can express exactly is exported:
 a Hugging Face CLIP/SigLIP tower, no token compression, and an LM whose causal-LM head is a plain
 linear layer over its decoder (checked numerically, since some heads scale or softcap logits).
+The LM is the one vlm runs: a stage-2 LoRA adapter is merged into its weights (peft's own merge),
+and a fully fine-tuned LM (the checkpoint's `lm/` folder) replaces the base LM.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from vlm.config import ConfigError
 from vlm.files import atomic_dir
 from vlm.language_model import IMAGE_TOKEN
-from vlm.model import PROJECTOR_FILE, VisionLanguageModel, read_checkpoint_config
+from vlm.model import VisionLanguageModel, read_checkpoint_config
 
 # The processor's template turns transformers' multimodal message format ([{"type": "image"},
 # {"type": "text", "text": ...}]) into the text vlm feeds the LM's own template: `<image>\n` where
@@ -49,7 +51,10 @@ def export_llava(checkpoint: str, out: str) -> None:
     target = Path(out)
     check_target(target)
 
+    # The model `vlm chat` runs: a fine-tuned LM comes from the checkpoint's lm/ folder, LoRA wraps the LM.
     model = VisionLanguageModel.from_pretrained(checkpoint)
+    if hasattr(model.lm, "peft_config"):
+        model.lm = merge_lora(model.lm, checkpoint)
     tower, lm, tokenizer = model.vision.tower, model.lm, model.tokenizer
     check_lm_head(lm, config.lm.name)
     image_token_id = model.processor.image_token_id
@@ -124,15 +129,28 @@ def check_exportable(config, checkpoint: Path) -> None:
             f"(model.projector.norm={config.projector.norm}), which LLaVA's projector has no layer for; "
             "train with norm=none to export"
         )
-    extra = sorted(
-        str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")
-        if p.suffix in (".safetensors", ".bin") and p != checkpoint / PROJECTOR_FILE
-    )
-    if extra:
+
+
+def merge_lora(lm, checkpoint: str):
+    """The LoRA-wrapped LM as a plain transformers model with the adapter merged into its weights.
+
+    vlm train's LoRA (target_modules="all-linear") adapts the decoder's linear layers only: peft leaves
+    out the output layer, so the LM head stays the model's own linear (tied or not), which
+    check_lm_head verifies after the merge. An adapter on the embeddings or the head of an LM that ties
+    them cannot be merged faithfully: the change would land in the one shared matrix, so in both ends.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = lm.get_base_model()
+    ends = {"input embeddings": base.get_input_embeddings(), "LM head": base.get_output_embeddings()}
+    adapted = [name for name, module in ends.items() if isinstance(module, BaseTunerLayer)]
+    if adapted and ends["LM head"].weight is ends["input embeddings"].weight:
         raise ConfigError(
-            f"cannot export {checkpoint}: it holds weights besides the projector ({', '.join(extra)}); "
-            "export handles projector-only checkpoints (LoRA or fine-tuned LM weights are not exported yet)"
+            f"cannot export {checkpoint}: its LoRA adapter changes the {' and '.join(adapted)} of an LM whose "
+            "input and output embeddings are one shared matrix, so merging it would change both ends; "
+            "train LoRA on the decoder's linear layers (vlm train's target_modules=all-linear does)"
         )
+    return lm.merge_and_unload()
 
 
 def check_target(target: Path) -> None:

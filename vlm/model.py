@@ -17,7 +17,7 @@ from torch import nn
 from vlm.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
 from vlm.files import atomic_dir
 from vlm.language_model import load_language_model
-from vlm.processor import IGNORE_INDEX, VLMProcessor, with_image_placeholder
+from vlm.processor import IGNORE_INDEX, PromptError, VLMProcessor, typed_messages
 from vlm.projector import Projector
 from vlm.vision import VisionEncoder, build_vision_encoder
 
@@ -108,14 +108,16 @@ class VisionLanguageModel(nn.Module):
             image_features = self.image_features(pixel_values)
         return self.projector.project(image_features.to(next(self.projector.parameters()).dtype))
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """LM input embeddings with image embeddings written at the placeholder positions, in order."""
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None,
+              images_at: torch.Tensor | None = None) -> torch.Tensor:
+        """LM input embeddings with image embeddings written at the placeholder positions, in order;
+        `images_at` ([2, n] rows and columns, from VLMProcessor.training_positions) saves finding them."""
         is_image = input_ids == self.processor.image_token_id
         # The placeholder id is new to the LM's vocabulary; look up id 0 there and overwrite it below.
         embeds = self.lm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
-        # The positions come to the host once, here, before any heavy work is queued. masked_scatter
-        # would look them up again in its backward pass and stall the GPU in the middle of a step.
-        rows, cols = is_image.nonzero(as_tuple=True)
+        # Found on the GPU, the positions come to the host once, here, before any heavy work is queued.
+        # masked_scatter would look them up again in its backward pass and stall the GPU mid-step.
+        rows, cols = images_at if images_at is not None else is_image.nonzero(as_tuple=True)
         expected = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
         if len(rows) != expected:
             raise ValueError(
@@ -127,12 +129,15 @@ class VisionLanguageModel(nn.Module):
             return embeds
         return embeds.index_put((rows, cols), image_embeds.reshape(expected, -1).to(embeds.dtype))
 
-    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None,
+                supervised_at=None, images_at=None):
         """Without labels: the LM's output with logits everywhere. With labels: {"loss", "num_tokens"}.
 
         The loss applies the LM head only where a label is supervised. Image and prompt tokens,
         most of a VQA sequence, never meet the vocabulary-sized matrix: the LM head of a small LM
         is a fifth of its FLOPs, and full-sequence fp32 logits dominate activation memory.
+        `supervised_at` and `images_at` (VLMProcessor.training_positions, computed where the batch
+        was built) spare the step its two waits for the GPU.
         """
         if labels is None:
             embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
@@ -141,14 +146,15 @@ class VisionLanguageModel(nn.Module):
         # short. Selecting supervised positions after the decoder made the host wait for the whole
         # forward before it could queue the backward (4 syncs, 9.5 ms of a 65 ms step on the H100).
         targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        rows, cols = supervised.nonzero(as_tuple=True)
+        if supervised_at is None:
+            supervised_at = torch.stack((targets != IGNORE_INDEX).nonzero(as_tuple=True))
+        rows, cols = supervised_at
         if attention_mask is not None and is_right_padded(attention_mask):
             # Causal attention never lets a token see the pads after it, so the mask changes nothing the
             # loss reads; without it the decoder runs SDPA's causal kernel, not an explicit mask (faster
             # backward, and compiled code would otherwise materialise the mask).
             attention_mask = None
-        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
+        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features), images_at)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done with
         hidden = self.lm.get_decoder()(
@@ -156,17 +162,14 @@ class VisionLanguageModel(nn.Module):
         ).last_hidden_state
         logits = self.lm.get_output_embeddings()(hidden[rows, cols]).float()
         loss = F.cross_entropy(logits, targets[rows, cols])
-        return {"loss": loss, "num_tokens": supervised.sum()}
+        return {"loss": loss, "num_tokens": rows.new_full((), rows.numel())}
 
     # ---- generation ------------------------------------------------------------------------
 
     def prepare(self, images: list[Image.Image | None], conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
-        """Left-padded generation inputs for a batch; a conversation without an image is text only."""
-        encoded = []
-        for image, messages in zip(images, conversations, strict=True):
-            if image is not None:
-                messages = with_image_placeholder(messages)
-            encoded.append(self.processor.encode(messages, add_generation_prompt=True))
+        """Left-padded generation inputs for a batch; a conversation without an image is text only.
+        Message contents are what people typed: text, never image slots or control tokens."""
+        encoded = [self._encode_prompt(image, messages) for image, messages in zip(images, conversations, strict=True)]
         batch = self.processor.pad(encoded, padding_side="left")
         batch.pop("labels")
         present = [image for image in images if image is not None]
@@ -174,12 +177,31 @@ class VisionLanguageModel(nn.Module):
             batch["pixel_values"] = self.processor.image_transform(present)
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _encode_prompt(self, image: Image.Image | None, messages: list[dict]):
+        return self.processor.encode(typed_messages(messages, with_image=image is not None), add_generation_prompt=True)
+
+    def check_prompt_fits(self, image: Image.Image | None, messages: list[dict], max_new_tokens: int) -> None:
+        """PromptError unless this conversation's prompt and its answer fit the LM's context, so a
+        caller can set one conversation aside before it fails a batch."""
+        self._check_context(len(self._encode_prompt(image, messages).input_ids), max_new_tokens)
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        # Past its trained positions an LM answers garbage, or fails outright where positions are learned.
+        limit = self.lm.config.max_position_embeddings
+        if prompt_tokens + max_new_tokens > limit:
+            raise PromptError(
+                f"the prompt is {prompt_tokens} tokens, and with up to {max_new_tokens} new tokens for the answer "
+                f"it exceeds the LM's context of {limit} tokens; shorten the question or the conversation, "
+                "or ask for fewer new tokens"
+            )
+
     @torch.no_grad()
     @torch.compiler.set_stance("force_eager")  # see compile_for_training()
     def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None, **generate_kwargs):
         """New token ids only. Greedy by default; pass do_sample/temperature/top_p to sample."""
-        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
         generate_kwargs.setdefault("max_new_tokens", 64)
+        self._check_context(int(attention_mask.sum(-1).max()), generate_kwargs["max_new_tokens"])
+        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
         generate_kwargs.setdefault("do_sample", False)
         if not generate_kwargs["do_sample"]:
             generate_kwargs.update(temperature=None, top_p=None, top_k=None)
@@ -286,6 +308,21 @@ class VisionLanguageModel(nn.Module):
                 f"{self.config.lm.name}; load it onto the backbones it was trained with"
             )
         self.projector.load_state_dict(load_file(directory / PROJECTOR_FILE))
+
+
+def check_generation_settings(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, *,
+                              flag_prefix: str = "--") -> None:
+    """ConfigError naming the first setting out of range; `vlm chat`, the demo and `vlm eval` all ask here.
+
+    transformers would fail on some of these deep in generation and quietly accept others. The
+    comparisons are written so that NaN fails them too.
+    """
+    if not max_new_tokens >= 1:
+        raise ConfigError(f"{flag_prefix}max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ConfigError(f"{flag_prefix}temperature must be at least 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"{flag_prefix}top-p must be in (0, 1], got {top_p}")
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

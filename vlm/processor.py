@@ -1,11 +1,16 @@
 """Turns images and chat messages into model inputs: the LM's own chat template, the image
 placeholder expanded to one token per image feature, and labels on assistant tokens only.
 
-Messages use the transformers format: [{"role": "user", "content": "<image>\\nWhat shape?"}, ...].
+Messages use the transformers format. A user turn's content is a string in LLaVA's convention, where
+`<image>` marks the image ([{"role": "user", "content": "<image>\\nWhat shape?"}, ...]: training data),
+or a list of parts, {"type": "image"} and {"type": "text", "text": ...}, whose text is only ever text
+(what people type in chat, the demo and benchmark questions: see `typed_messages`). Message text
+never becomes a control token: only the template's own markup does.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +24,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+# Stands in for message i's content while the template renders: private-use characters no template writes.
+CONTENT = re.compile("\ue000(\\d+)\ue001")
 
 
 class PromptError(ValueError):
@@ -44,15 +51,25 @@ class VLMProcessor:
     ) -> Encoded:
         """Token ids and labels for a conversation.
 
-        The chat template renders the conversation once per assistant turn; the text each turn
-        adds is tokenised on its own, so assistant spans are exact for any template, and the
+        The chat template renders the conversation once per assistant turn; the tokens each turn
+        adds are kept on their own, so assistant spans are exact for any template, and the
         prompt tokens at inference are the same tokens the model saw before each answer in training.
+        The template renders stand-ins for the message contents: its own text is tokenised with its
+        control tokens, each content as plain text, so a user who types `<|im_end|>` gets those
+        characters, not the end of their turn.
         """
-        segments = self._segments(messages, add_generation_prompt)
+        stand_ins = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        segments = self._segments(stand_ins, add_generation_prompt)
+        parts = [_parts(m) for m in messages]
+        if self._template_trims(messages, parts, "".join(text for text, _ in segments), add_generation_prompt):
+            parts = [_stripped(p) for p in parts]
+        contents = [self._content_ids(p) for p in parts]
         input_ids: list[int] = []
         labels: list[int] = []
         for text, is_answer in segments:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = []
+            for k, piece in enumerate(CONTENT.split(text)):  # template text, content index, template text, ...
+                ids += contents[int(piece)] if k % 2 else self.tokenizer(piece, add_special_tokens=False)["input_ids"]
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
         if max_length is not None and len(input_ids) > max_length:
@@ -67,7 +84,6 @@ class VLMProcessor:
 
     def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
         render = self._render
-        expanded = IMAGE_TOKEN * self.num_image_tokens
         segments: list[tuple[str, bool]] = []
         done = ""
         for i, message in enumerate(messages):
@@ -77,15 +93,49 @@ class VLMProcessor:
             through = render(messages[: i + 1], add_generation_prompt=False)
             if not (before.startswith(done) and through.startswith(before)):
                 raise PromptError("this LM's chat template does not render conversations incrementally")
-            segments += [(before[len(done):].replace(IMAGE_TOKEN, expanded), False), (through[len(before):], True)]
+            segments += [(before[len(done):], False), (through[len(before):], True)]
             done = through
         full = render(messages, add_generation_prompt=add_generation_prompt)
+        if not full.startswith(done):
+            raise PromptError("this LM's chat template does not render conversations incrementally")
         if len(full) > len(done):
-            segments.append((full[len(done):].replace(IMAGE_TOKEN, expanded), False))
+            segments.append((full[len(done):], False))
         return segments
+
+    def _template_trims(
+        self, messages: list[dict], parts: list[list], rendered: str, add_generation_prompt: bool
+    ) -> bool:
+        """Whether the template strips message text (Llama 3's and Gemma's do), checked against its
+        rendering of the real text, so the tokens are always the text the template writes."""
+        texts = ["".join(IMAGE_TOKEN if p is None else p for p in ps) for ps in parts]
+        real = self._render([{**m, "content": t} for m, t in zip(messages, texts, strict=True)], add_generation_prompt)
+        for strip in (False, True):
+            written = [t.strip() for t in texts] if strip else texts
+            if CONTENT.sub(lambda m, written=written: written[int(m[1])], rendered) == real:
+                return strip
+        raise PromptError("this LM's chat template rewrites message text, so vlm cannot keep it apart from "
+                          "the template's own control tokens; pick an LM whose template copies messages as written")
+
+    def _content_ids(self, parts: list[str | None]) -> list[int]:
+        ids = []
+        for part in parts:
+            if part is None:
+                ids += [self.image_token_id] * self.num_image_tokens
+            elif part:
+                ids += self.tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return ids
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def training_positions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Where the loss reads (supervised targets, shifted by one) and where image features go, as
+        [2, n] (row, column) tensors. Found here, on the CPU where batches are built, the training step
+        never has to stop and wait for the GPU to find them (VisionLanguageModel.forward)."""
+        supervised = batch["labels"][:, 1:] != IGNORE_INDEX
+        images = batch["input_ids"] == self.image_token_id
+        return {"supervised_at": torch.stack(supervised.nonzero(as_tuple=True)),
+                "images_at": torch.stack(images.nonzero(as_tuple=True))}
 
     def pad(self, batch: list[Encoded], padding_side: str = "right", pad_to_multiple_of: int | None = None
             ) -> dict[str, torch.Tensor]:
@@ -108,10 +158,48 @@ class VLMProcessor:
 
 
 def with_image_placeholder(messages: list[dict]) -> list[dict]:
-    """Put `<image>` at the start of the first user turn if the conversation has none (LLaVA's convention)."""
-    if any(IMAGE_TOKEN in str(m.get("content", "")) for m in messages):
+    """Put `<image>` at the start of the first user turn if no user turn has one (LLaVA's convention)."""
+    if any(IMAGE_TOKEN in str(m.get("content", "")) for m in messages if m["role"] == "user"):
         return messages
     out = [dict(m) for m in messages]
     first_user = next(i for i, m in enumerate(out) if m["role"] == "user")
     out[first_user]["content"] = f"{IMAGE_TOKEN}\n{out[first_user]['content']}"
     return out
+
+
+def typed_messages(messages: list[dict], with_image: bool) -> list[dict]:
+    """Messages people wrote, as text parts, so nothing typed becomes an image slot or a control token.
+
+    The image goes where with_image_placeholder puts it in training data, `<image>\\n` at the start
+    of the first user turn, so the prompt is the one the model was trained on.
+    """
+    out = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    if with_image:
+        first_user = next(i for i, m in enumerate(out) if m["role"] == "user")
+        out[first_user]["content"] = [
+            {"type": "image"},
+            {"type": "text", "text": f"\n{messages[first_user]['content']}"},
+        ]
+    return out
+
+
+def _parts(message: dict) -> list[str | None]:
+    """A message's content as text pieces and image slots (None)."""
+    content = message["content"]
+    if not isinstance(content, str):
+        return [part["text"] if part["type"] == "text" else None for part in content]
+    if message["role"] != "user":  # LLaVA marks the image in a user turn; anywhere else `<image>` is text
+        return [content]
+    parts: list[str | None] = []
+    for i, text in enumerate(content.split(IMAGE_TOKEN)):
+        parts += [None, text] if i else [text]
+    return parts
+
+
+def _stripped(parts: list[str | None]) -> list[str | None]:
+    parts = list(parts)
+    if isinstance(parts[0], str):
+        parts[0] = parts[0].lstrip()
+    if isinstance(parts[-1], str):
+        parts[-1] = parts[-1].rstrip()
+    return parts

@@ -157,6 +157,8 @@ class Collator:
         if not kept:
             return {"skipped": skipped}
         batch = self.processor.pad(kept, pad_to_multiple_of=self.pad_to_multiple_of)
+        batch.update(self.processor.training_positions(batch))
+        del batch["attention_mask"]  # right padding: causal attention never lets a token see the pads after it
         if locations:
             batch["image_features"] = self.cache.read(np.stack(locations))
         elif images:
