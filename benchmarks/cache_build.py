@@ -40,10 +40,10 @@ def main(argv=None) -> None:
     import os
 
     from vlm.config import load_config
+    from vlm.data.batches import default_workers
     from vlm.data.feature_cache import FeatureCache, feature_spec
     from vlm.data.sources import load_examples
     from vlm.model import VisionLanguageModel
-    from vlm.train.trainer import loader_workers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", required=True)
@@ -59,10 +59,7 @@ def main(argv=None) -> None:
         model.vision.to(torch.bfloat16)  # as the trainer does under bf16 mixed precision
     records = load_examples(config.data.align, "align")
 
-    class OneProcess:  # what loader_workers reads of an Accelerator
-        device, num_processes = torch.device(args.device), 1
-
-    workers = loader_workers(config.data.num_workers, OneProcess)
+    workers = config.data.num_workers if config.data.num_workers is not None else default_workers(args.device)
     pixels = model.vision.preprocess([records[i].load() for i in range(args.batch)]).to(args.device)
     alone = tower_alone(model, pixels, args.device, batches=20)
     print(describe_device(args.device), flush=True)

@@ -118,9 +118,14 @@ class ScriptedModel:
         self.reply = reply
         self.max_new_tokens = []
 
-    def chat(self, images, conversations, max_new_tokens):
+    device = torch.device("cpu")
+
+    def encode_batch(self, images, conversations):
+        return {"conversations": len(conversations)}
+
+    def answer(self, batch, max_new_tokens):
         self.max_new_tokens.append(max_new_tokens)
-        return [self.reply for _ in conversations]
+        return [self.reply] * batch["conversations"]
 
     def check_prompt_fits(self, image, messages, max_new_tokens):
         pass
@@ -271,3 +276,20 @@ def test_a_question_past_the_lms_context_is_skipped_with_its_reason_and_the_rest
     assert "context of 512 tokens" in skipped[0]["error"] and json.dumps(skipped)  # results.json holds it
     alone = tiny_model.chat([images[2]], [[{"role": "user", "content": items[1]["prompt"]}]], max_new_tokens=4)[0]
     assert items[1]["prediction"] == alone
+
+
+def test_loading_in_worker_processes_gives_the_same_answers_in_the_same_order(tiny_model, images):
+    from vlm.evaluate import generate
+    from vlm.vqa_benchmarks import get_benchmark
+
+    class Selection(list):
+        benchmark = get_benchmark("vqav2")
+
+    questions = ["what color?", "what shape?", "is it round?", "how many?", "where is it?"]
+    selection = Selection({"index": i, "question_id": i, "image": images[i % len(images)], "question": q,
+                           "answers": ["red"] * 10} for i, q in enumerate(questions))
+    here, _ = generate(tiny_model, selection, cot=False, ocr=False, batch_size=2, max_new_tokens=4, num_workers=0)
+    workers, _ = generate(tiny_model, selection, cot=False, ocr=False, batch_size=2, max_new_tokens=4, num_workers=2)
+    assert [i["question_id"] for i in workers] == list(range(len(questions)))
+    assert [i["prediction"] for i in workers] == [i["prediction"] for i in here]
+    assert all("image" not in i for i in workers)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -25,7 +24,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from vlm.config import Config, ConfigError, StageConfig, load_config, to_dict
-from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler, SkipCounter, TokenizedExamples
+from vlm.data.batches import (
+    Collator,
+    ConversationDataset,
+    LengthGroupedBatchSampler,
+    SkipCounter,
+    TokenizedExamples,
+    default_workers,
+)
 from vlm.data.feature_cache import FeatureCache, ensure_fits, feature_spec
 from vlm.data.sources import Records, check_source, load_examples
 from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
@@ -244,7 +250,9 @@ def build_data(run: Run, name: str, records: Records, stage: StageConfig, pad_to
     """The stage's examples, split into training and held-out images, encoded, their features cached, and loaders."""
     config, accelerator, model = run.config, run.accelerator, run.model
     train_indices, val_indices = split_holdout(records, config.data.val_fraction, config.train.seed)
-    workers = loader_workers(config.data.num_workers, accelerator)
+    workers = config.data.num_workers
+    if workers is None:
+        workers = default_workers(accelerator.device, accelerator.num_processes)
     if run.cache is not None:
         # Each process encodes its share; then every process sees every shard.
         run.cache.build([(e.key, e.load) for e in records if e.load], model.image_features,
@@ -267,17 +275,6 @@ def build_data(run: Run, name: str, records: Records, stage: StageConfig, pad_to
     val_loader = DataLoader(val, batch_size=stage.batch_size, collate_fn=collator, num_workers=min(workers, 2),
                             pin_memory=pin)
     return StageData(loader, sampler, val_loader, SkipCounter(), len(records), records.skipped)
-
-
-def loader_workers(setting: int | None, accelerator: Accelerator) -> int:
-    """data.num_workers, or where unset: on a GPU up to 8 per process from the CPUs the process may use;
-    on a CPU none, since the cores that would decode images are the ones training."""
-    if setting is not None:
-        return setting
-    if accelerator.device.type != "cuda":
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cpus // accelerator.num_processes - 1))
 
 
 def build_optimizer(trainable: list[torch.nn.Parameter], stage: StageConfig, batches_per_epoch: int):

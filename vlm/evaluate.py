@@ -113,48 +113,75 @@ def _to_accelerator(model) -> None:
     model.eval()
 
 
-def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new_tokens: int):
+def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new_tokens: int,
+             num_workers: int | None = None):
     """Greedy answers for every well-formed record; malformed ones, and ones too long for the LM's
-    context, come back in `skipped`."""
+    context, come back in `skipped`.
+
+    DataLoader workers (default: sized from the machine on a GPU, none on a CPU) open images, build
+    prompts and encode batches while the model generates the batch before.
+    """
+    import torch
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    benchmark = selection.benchmark
+    from vlm.data.batches import default_workers
+
+    prompts = _Prompts(selection, model, cot=cot, ocr=ocr, max_new_tokens=max_new_tokens)
+    workers = default_workers(model.device) if num_workers is None else num_workers
+    loader = DataLoader(prompts, batch_size=batch_size, num_workers=workers, collate_fn=prompts.collate,
+                        pin_memory=model.device.type == "cuda", prefetch_factor=4 if workers else None)
     items: list[dict] = []
     skipped: list[dict] = []
-    batch: list[dict] = []
-
-    def flush():
-        replies = model.chat([r["image"] for r in batch], [[{"role": "user", "content": r["prompt"]}] for r in batch],
-                             max_new_tokens=max_new_tokens)
-        for record, reply in zip(batch, replies, strict=True):
-            item = {k: v for k, v in record.items() if k not in ("image", "context", "ocr_tokens")}
-            item["prediction"] = extract_final_answer(reply) if cot else reply
-            if cot:
-                item["reply"] = reply
-            items.append(item)
-        progress.update(len(batch))
-        batch.clear()
-
-    with tqdm(total=len(selection), desc=benchmark.name, unit="q", file=sys.stderr, disable=None) as progress:
-        for record in selection:
-            if "error" not in record:
-                record["prompt"] = build_prompt(record, benchmark, cot=cot, ocr=ocr)
-                try:
-                    model.check_prompt_fits(
-                        record["image"], [{"role": "user", "content": record["prompt"]}], max_new_tokens
-                    )
-                except PromptError as e:
-                    record = {"index": record["index"], "question_id": record["question_id"], "error": str(e)}
-            if "error" in record:
-                skipped.append(record)
-                progress.update(1)
-                continue
-            batch.append(record)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
+    desc = selection.benchmark.name
+    with torch.no_grad(), tqdm(total=len(selection), desc=desc, unit="q", file=sys.stderr, disable=None) as progress:
+        for records, errors, batch in loader:
+            skipped += errors
+            replies = model.answer(batch, max_new_tokens=max_new_tokens) if records else []
+            for record, reply in zip(records, replies, strict=True):
+                record["prediction"] = extract_final_answer(reply) if cot else reply
+                if cot:
+                    record["reply"] = reply
+                items.append(record)
+            progress.update(len(records) + len(errors))
     return items, skipped
+
+
+class _Prompts:
+    """The selection's records with their prompts, checked against the LM's context, and batches of
+    them encoded as the model's inputs: the work a DataLoader's workers do off the main process."""
+
+    def __init__(self, selection, model, *, cot: bool, ocr: bool, max_new_tokens: int):
+        self.selection, self.model = selection, model
+        self.cot, self.ocr, self.max_new_tokens = cot, ocr, max_new_tokens
+
+    def __len__(self) -> int:
+        return len(self.selection)
+
+    def __getitem__(self, position: int) -> dict:
+        record = self.selection[position]
+        if "error" in record:
+            return record
+        record["prompt"] = build_prompt(record, self.selection.benchmark, cot=self.cot, ocr=self.ocr)
+        try:
+            self.model.check_prompt_fits(record["image"], self._conversation(record), self.max_new_tokens)
+        except PromptError as e:
+            return {"index": record["index"], "question_id": record["question_id"], "error": str(e)}
+        return record
+
+    def collate(self, records: list[dict]):
+        good = [r for r in records if "error" not in r]
+        errors = [r for r in records if "error" in r]
+        batch = (
+            self.model.encode_batch([r["image"] for r in good], [self._conversation(r) for r in good]) if good else {}
+        )
+        # Only what the results keep travels back to the main process, not the images.
+        kept = [{k: v for k, v in r.items() if k not in ("image", "context", "ocr_tokens")} for r in good]
+        return kept, errors, batch
+
+    @staticmethod
+    def _conversation(record: dict) -> list[dict]:
+        return [{"role": "user", "content": record["prompt"]}]
 
 
 def score(metric: str, items: list[dict], seed: int = 0) -> dict:

@@ -167,15 +167,22 @@ class VisionLanguageModel(nn.Module):
     # ---- generation ------------------------------------------------------------------------
 
     def prepare(self, images: list[Image.Image | None], conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
-        """Left-padded generation inputs for a batch; a conversation without an image is text only.
-        Message contents are what people typed: text, never image slots or control tokens."""
+        """Left-padded generation inputs for a batch, on the model's device (see encode_batch)."""
+        return {k: v.to(self.device) for k, v in self.encode_batch(images, conversations).items()}
+
+    def encode_batch(
+        self, images: list[Image.Image | None], conversations: list[list[dict]]
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded generation inputs on the CPU, so a DataLoader worker can build them; a conversation
+        without an image is text only. Message contents are what people typed: text, never image slots
+        or control tokens."""
         encoded = [self._encode_prompt(image, messages) for image, messages in zip(images, conversations, strict=True)]
         batch = self.processor.pad(encoded, padding_side="left")
         batch.pop("labels")
         present = [image for image in images if image is not None]
         if present:
             batch["pixel_values"] = self.processor.image_transform(present)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return batch
 
     def _encode_prompt(self, image: Image.Image | None, messages: list[dict]):
         return self.processor.encode(typed_messages(messages, with_image=image is not None), add_generation_prompt=True)
@@ -214,8 +221,11 @@ class VisionLanguageModel(nn.Module):
 
     def chat(self, images: list[Image.Image | None], conversations: list[list[dict]], **generate_kwargs) -> list[str]:
         """Batched answers, one per conversation (each ends with a user turn)."""
-        batch = self.prepare(images, conversations)
-        tokens = self.generate(**batch, **generate_kwargs)
+        return self.answer(self.encode_batch(images, conversations), **generate_kwargs)
+
+    def answer(self, batch: dict[str, torch.Tensor], **generate_kwargs) -> list[str]:
+        """Answers for a batch from encode_batch; pinned CPU tensors copy while the GPU still works."""
+        tokens = self.generate(**{k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, **generate_kwargs)
         return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     def stream_chat(self, image: Image.Image | None, messages: list[dict], **generate_kwargs) -> Iterator[str]:

@@ -222,32 +222,31 @@ class Selection:
         return len(self.indices)
 
     def __iter__(self) -> Iterator[dict]:
-        for index in self.indices:
-            row = self._row(index)
-            try:
-                record = self.benchmark.read(row, index)
-                image = self._image(row)
-                if image is None:
-                    raise Malformed("no image")
-                record["image"] = load_image(_image_source(image, self._base_dir))
-            except (Malformed, ImageError) as e:
-                reason = f"unreadable image ({e})" if isinstance(e, ImageError) else str(e)
-                yield {
-                    "index": index,
-                    "question_id": _plain(row.get("question_id", row.get("id", index))),
-                    "error": reason,
-                }
-                continue
-            except (KeyError, TypeError, AttributeError) as e:
-                yield {
-                    "index": index,
-                    "question_id": index,
-                    "error": f"unexpected row layout ({type(e).__name__}: {e})",
-                }
-                continue
-            record["index"] = index
-            record["question_id"] = _plain(record["question_id"])
-            yield record
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, position: int) -> dict:
+        """The record at `position` of the subset with its image opened, or {index, question_id, error}.
+        Random access lets a DataLoader's workers open images while the model generates."""
+        index = self.indices[position]
+        row = self._row(index)
+        try:
+            record = self.benchmark.read(row, index)
+            image = self._image(row)
+            if image is None:
+                raise Malformed("no image")
+            record["image"] = load_image(_image_source(image, self._base_dir))
+        except (Malformed, ImageError) as e:
+            reason = f"unreadable image ({e})" if isinstance(e, ImageError) else str(e)
+            return {
+                "index": index,
+                "question_id": _plain(row.get("question_id", row.get("id", index))),
+                "error": reason,
+            }
+        except (KeyError, TypeError, AttributeError) as e:
+            return {"index": index, "question_id": index, "error": f"unexpected row layout ({type(e).__name__}: {e})"}
+        record["index"] = index
+        record["question_id"] = _plain(record["question_id"])
+        return record
 
 
 def _plain(value):

@@ -15,6 +15,7 @@ import random
 from collections import defaultdict
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, Sampler
 
 from vlm.data.feature_cache import FeatureCache
@@ -92,6 +93,14 @@ def _encode_chunk(indices: np.ndarray):
 
 def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(device, processes: int = 1) -> int:
+    """DataLoader workers where none are asked for: on a GPU up to 8 per process, from the CPUs the
+    process may use; on a CPU none, since the cores that would decode images are the ones computing."""
+    if torch.device(device).type != "cuda":
+        return 0
+    return max(0, min(8, _usable_cpus() // processes - 1))
 
 
 class ConversationDataset(Dataset):
