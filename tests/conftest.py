@@ -76,6 +76,17 @@ def tiny_model_config(tiny_lm_dir, tiny_clip_dir):
                        lm=LMConfig(name=str(tiny_lm_dir)))
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model_config, tmp_path_factory):
+    """A checkpoint folder of the tiny model with an untrained projector, as `vlm train` writes one."""
+    from vlm.model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("run") / "final"
+    VisionLanguageModel.from_config(tiny_model_config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_model(tiny_model_config):
     from vlm.model import VisionLanguageModel

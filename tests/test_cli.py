@@ -21,18 +21,6 @@ def test_not_an_image_is_rejected(tmp_path, capsys):
     assert "not an image" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model_config, tmp_path_factory):
-    import torch
-
-    from vlm.model import VisionLanguageModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("run") / "final"
-    VisionLanguageModel.from_config(tiny_model_config).save_pretrained(path)
-    return path
-
-
 def test_a_question_past_the_lms_context_is_one_clear_line(checkpoint, capsys):
     assert main(["chat", "--checkpoint", str(checkpoint), "--question", "circle " * 600, "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -11,16 +11,6 @@ from vlm.evaluate import score
 from vlm.metrics import exact_match, extract_choice, pope_scores, vqa_accuracy
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model_config, tmp_path_factory):
-    from vlm.model import VisionLanguageModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("run") / "final"
-    VisionLanguageModel.from_config(tiny_model_config).save_pretrained(path)
-    return path
-
-
 def _eval(checkpoint, out, *extra, short=True):
     # 4 new tokens keep the tiny model fast; the default budgets are checked where short=False.
     budget = ["--max-new-tokens", "4"] if short else []
