@@ -204,3 +204,19 @@ def test_jsons_read_through_the_llava_training_loader(out):
                 continue
             with Image.open(out / "images" / record["image"]) as file:
                 assert example.load().size == file.size
+
+
+def test_parquet_shards_read_through_the_hf_training_loader_as_the_json_does(out):
+    from vlm.config import DataSource
+    from vlm.data.sources import load_examples
+
+    shards = load_examples(DataSource(kind="hf", path=str(out / "llava_instruct.parquet")), "instruct")
+    records = load_examples(
+        DataSource(kind="llava", path=str(out / "llava_instruct.json"), image_root=str(out / "images")), "instruct"
+    )
+    assert len(shards) == len(records) and not shards.skipped
+    for from_shards, from_json in zip(shards, records, strict=True):
+        assert from_shards.messages == from_json.messages
+        assert (from_shards.load is None) == (from_json.load is None)
+        if from_json.load is not None:
+            assert from_shards.load().size == from_json.load().size

@@ -28,6 +28,19 @@ def test_only_the_projector_gets_gradients(tiny_model, images):
     assert not tiny_model.vision.tower.training and not tiny_model.lm.training
 
 
+def test_a_text_only_batch_leaves_the_projector_a_zero_gradient_and_the_lms_loss(tiny_model):
+    # With a frozen LM, a batch of text-only records (LLaVA's ShareGPT share) has nothing else to backpropagate to.
+    text_only = [[{"role": "user", "content": "what is the capital of france?"},
+                  {"role": "assistant", "content": "paris"}]]
+    batch = tiny_model.processor.pad([tiny_model.processor.encode(c) for c in text_only])
+    tiny_model.train()
+    out = tiny_model(**batch)
+    out["loss"].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in tiny_model.projector.parameters())
+    reference = tiny_model.lm(input_ids=batch["input_ids"], labels=batch["labels"])
+    torch.testing.assert_close(out["loss"], reference.loss)
+
+
 def test_loss_on_supervised_positions_equals_the_lms_own_loss(tiny_model, images):
     batch = training_batch(tiny_model, images)
     ours = tiny_model(**batch)

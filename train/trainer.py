@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import collections
 import json
-import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
@@ -31,7 +28,10 @@ from vlm.data.batches import (
     SkipCounter,
     TokenizedExamples,
     default_workers,
+    optimizer_steps,
+    split_holdout,
 )
+from vlm.data.check import stop_on_fatal_findings
 from vlm.data.feature_cache import FeatureCache, ensure_fits, feature_spec
 from vlm.data.sources import Records, check_source, load_examples
 from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
@@ -53,6 +53,7 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
         )
     # Every record is read, and a stage with nothing to train on stops, before any model loads.
     records = {name: load_stage_records(config, name) for name in stages}
+    stop_on_fatal_findings(config, records)  # a sample of each stage, encoded as training will encode it
 
     accelerator = Accelerator(
         mixed_precision=_precision(config.train.mixed_precision),
@@ -280,8 +281,7 @@ def build_data(run: Run, name: str, records: Records, stage: StageConfig, pad_to
 def build_optimizer(trainable: list[torch.nn.Parameter], stage: StageConfig, batches_per_epoch: int):
     """AdamW with linear warmup then cosine decay; also returns the stage's number of optimizer steps."""
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / stage.grad_accum))
-    total_steps = stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)
+    total_steps = optimizer_steps(stage, batches_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
     return optimizer, scheduler, total_steps
 
@@ -311,17 +311,6 @@ def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
     model.train()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return (total / count.clamp(min=1)).item()
-
-
-def split_holdout(records: Records, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of training and validation records; whole images are held out, so no validation image
-    was seen in training (a text-only record is its own group)."""
-    groups = [records.key(i) or f"text:{i}" for i in range(len(records))]
-    keys = sorted(set(groups))
-    random.Random(seed).shuffle(keys)
-    held = set(keys[: int(len(keys) * fraction)])
-    is_held = np.array([g in held for g in groups], dtype=bool)
-    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
 def _save(accelerator, model, optimizer, scheduler, progress: Progress, config: Config) -> None:

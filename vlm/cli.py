@@ -1,7 +1,8 @@
-"""The `vlm` command: train / eval / demo / chat / export. The top of the house: it imports, nothing imports it.
+"""The `vlm` command: train / data check / eval / demo / chat / export.
 
-Every user error (bad path, unknown preset, wrong config value, unreadable image) ends as one
-line on stderr and exit status 2, never a traceback.
+The top of the house: it imports, nothing imports it. Every user error (bad path, unknown preset,
+wrong config value, unreadable image) ends as one line on stderr and exit status 2, never a traceback;
+`vlm data check` exits 1 on what it finds wrong with the data.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlm.config import ConfigError
+from vlm.config import ConfigError, load_config
+from vlm.data.check import CHECK_SAMPLE, data_check
 from vlm.evaluate import compare, run_eval
 from vlm.export import export_llava
 from vlm.files import EXAMPLES_DIR
 from vlm.images import ImageError, load_image
 from vlm.model import check_generation_settings, load_model
 from vlm.processor import PromptError
-from vlm.train.trainer import run_training
+from vlm.train.trainer import check_config, load_stage_records, run_training
 from vlm.vqa_benchmarks import BENCHMARKS
 
 USER_ERRORS = (ConfigError, ImageError, PromptError, FileNotFoundError)
@@ -67,6 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--share", action="store_true")
 
+    data = commands.add_parser("data", help="inspect a preset's training data").add_subparsers(
+        dest="data_command", required=True)
+    check = data.add_parser("check", help="each stage's data as training will see it, with what is wrong with it; "
+                            "exit status 1 on a finding that would spoil training")
+    check.add_argument("--config", default="offline", help="preset name or YAML path (default: offline)")
+    check.add_argument("--stage", choices=["align", "instruct"], help="one stage (default: those train.stage runs)")
+    check.add_argument("--examples", type=int, default=3, metavar="K",
+                       help="examples to show per stage (default 3); K*10 images are opened")
+    check.add_argument("--sample", type=int, default=CHECK_SAMPLE, metavar="N",
+                       help=f"records per stage to encode and measure (default {CHECK_SAMPLE}; 0 = all)")
+    check.add_argument("--all-images", action="store_true", help="open every image, not K*10 of them")
+    check.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=1024")
+
     export = commands.add_parser("export", help="write a transformers LlavaForConditionalGeneration folder")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
@@ -75,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except USER_ERRORS as e:
-        print(f"vlm {args.command}: {e}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        for line in str(e).splitlines():  # a data check stops training with one line per finding
+            print(f"vlm {command}: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vlm {args.command}: interrupted", file=sys.stderr)
@@ -101,6 +118,8 @@ def _run(args) -> int:
         return run_eval(args.checkpoint, args.benchmark, data=args.data, split=args.split, limit=args.limit,
                         seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                         cot=args.cot, ocr=args.ocr, output=args.output)
+    if args.command == "data":
+        return _data_check(args)
     if args.command == "demo":
         # Gradio loads only for the demo: it adds a second to every other command's start, and an
         # environment without it (a bare GPU image) still trains and evaluates.
@@ -109,6 +128,12 @@ def _run(args) -> int:
         return launch(args.checkpoint, args.config, host=args.host, port=args.port, share=args.share)
     export_llava(args.checkpoint, args.out)
     return 0
+
+
+def _data_check(args) -> int:
+    config = load_config(args.config, list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else []))
+    records = {name: load_stage_records(config, name) for name in check_config(config)}
+    return data_check(config, records, examples=args.examples, sample=args.sample, all_images=args.all_images)
 
 
 def _chat(args) -> int:

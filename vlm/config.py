@@ -71,12 +71,17 @@ class ModelConfig:
 @dataclass
 class DataSource:
     # easy_vqa: the packaged dataset; llava: a LLaVA-format JSON file with an image folder;
-    # hf: a Hugging Face dataset (hub id or local files) read through `columns`.
+    # hf: a Hugging Face dataset (hub id or local files), as published (vlm/data/sources.py).
     kind: Literal["easy_vqa", "llava", "hf"] = "easy_vqa"
     path: str | None = None
     image_root: str | None = None
     split: str = "train"
-    # hf only: dataset column for each role: image, caption (stage 1) or question/answer (stage 2).
+    # hf only: the dataset's config (subset), which Hub datasets of several need: the_cauldron's "vqav2",
+    # LLaVA-OneVision-Data's "CLEVR-Math(MathV360K)". Also read from a local snapshot that has the Hub's card.
+    config: str | None = None
+    # hf only: dataset column for each role: image + caption (stage 1) or image + question + answer (stage 2);
+    # conversations (+ image) or texts (+ images) for conversation datasets, which need no mapping when
+    # their columns have those names (LLaVA-OneVision-Data, the_cauldron).
     columns: dict[str, str] = field(default_factory=dict)
     limit: int = 0  # 0 = all records
 

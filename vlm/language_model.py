@@ -26,19 +26,57 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_language_model(config: LMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (frozen model, tokenizer with the image token added)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, kwargs = _resolve(config.name)
+    tokenizer = _tokenizer(config.name, source, kwargs)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[config.dtype], **kwargs)
     except OSError as e:
         raise ConfigError(f"model.lm.name={config.name!r} could not be loaded: {e}") from None
-    if not tokenizer.chat_template:
-        raise ConfigError(f"{config.name} has no chat template; pick an instruction-tuned (-Instruct) model")
-    prepare_tokenizer(tokenizer)
     model.requires_grad_(False).eval()
     return model, tokenizer
+
+
+def load_tokenizer(config: LMConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer load_language_model returns, without loading (or, for the packaged LM, dequantising) weights."""
+    return _tokenizer(config.name, *_tokenizer_source(config.name))
+
+
+def stop_token_ids(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end generation: the tokenizer's EOS and the generation config's (Gemma's and Phi-3's
+    turns end with a token other than EOS, which only generation_config.json names)."""
+    from transformers import GenerationConfig
+
+    source, _ = _tokenizer_source(config.name)
+    ids = {tokenizer.eos_token_id}
+    try:
+        configured = GenerationConfig.from_pretrained(source).eos_token_id
+    except OSError:  # no generation_config.json: EOS alone ends generation
+        configured = None
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def _tokenizer(name: str, source: str, kwargs: dict) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model.lm.name={name!r} could not be loaded: {e}") from None
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{name} has no chat template; pick an instruction-tuned (-Instruct) model")
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _tokenizer_source(name: str) -> tuple[str, dict]:
+    if name in PACKAGED and not (_packaged_target(name) / "config.json").is_file():
+        # Not dequantised yet: the GGUF holds the tokenizer the cached folder will hold.
+        module, filename = PACKAGED[name]
+        return str(package_dir(module, module.replace("_", "-"))), {"gguf_file": filename}
+    return _resolve(name)
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -61,8 +99,12 @@ def _resolve(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def _packaged_target(name: str) -> Path:
+    return cache_dir() / "models" / name.removeprefix("packaged:")
+
+
 def packaged_model_dir(name: str) -> Path:
-    target = cache_dir() / "models" / name.removeprefix("packaged:")
+    target = _packaged_target(name)
     if (target / "config.json").is_file():
         return target
     module, filename = PACKAGED[name]

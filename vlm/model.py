@@ -154,7 +154,8 @@ class VisionLanguageModel(nn.Module):
             # loss reads; without it the decoder runs SDPA's causal kernel, not an explicit mask (faster
             # backward, and compiled code would otherwise materialise the mask).
             attention_mask = None
-        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features), images_at)
+        image_embeds = self.image_embeddings(pixel_values, image_features)
+        embeds = self.embed(input_ids, image_embeds, images_at)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done with
         hidden = self.lm.get_decoder()(
@@ -162,6 +163,11 @@ class VisionLanguageModel(nn.Module):
         ).last_hidden_state
         logits = self.lm.get_output_embeddings()(hidden[rows, cols]).float()
         loss = F.cross_entropy(logits, targets[rows, cols])
+        if image_embeds is None and torch.is_grad_enabled():
+            # A text-only batch never reaches the projector: with a frozen LM its loss would have no
+            # gradient at all, and under DDP the projector's missing gradients stall the next step.
+            # A zero-weighted term keeps it in the graph, as LLaVA's empty slice of image features does.
+            loss = loss + 0.0 * sum(p.sum() for p in self.projector.parameters())
         return {"loss": loss, "num_tokens": rows.new_full((), rows.numel())}
 
     # ---- generation ------------------------------------------------------------------------

@@ -65,6 +65,44 @@ def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
     return builders[config.backend](config)
 
 
+def num_patches(config: VisionConfig) -> int:
+    """The features per image the tower gives (VisionEncoder.num_patches), from its configuration alone:
+    what `vlm data check` needs to lay out a sequence without loading a tower's weights."""
+    if config.backend == "hf":
+        from transformers import AutoConfig
+
+        try:
+            hf_config = AutoConfig.from_pretrained(config.name)
+        except OSError as e:
+            raise ConfigError(
+                f"model.vision.name={config.name!r} could not be loaded as a Hugging Face model: {e}"
+            ) from None
+        vision = getattr(hf_config, "vision_config", hf_config)  # a full CLIP/SigLIP config holds the tower's
+        cls = int(vision.model_type.startswith("clip") and not config.drop_cls)  # SigLIP has no CLS token
+        return (vision.image_size // vision.patch_size) ** 2 + cls
+    if config.backend == "open_clip":
+        import open_clip
+
+        vision = (open_clip.get_model_config(config.name) or {}).get("vision_cfg", {})
+        if "patch_size" not in vision:
+            raise ConfigError(f"open_clip model {config.name!r} has no transformer tower; use a ViT model")
+        size = vision["image_size"][0] if isinstance(vision["image_size"], (tuple, list)) else vision["image_size"]
+        return (size // vision["patch_size"]) ** 2 + int(not config.drop_cls)
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # The CNN's padding makes its feature map hard to state in a formula; a randomly initialised copy
+    # (no weights read, a few million parameters) measures it.
+    try:
+        tower = EfficientNet.from_name(config.name).eval()
+    except (ValueError, AssertionError):
+        raise ConfigError(
+            f"model.vision.name={config.name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)"
+        ) from None
+    size = config.image_size or EfficientNet.get_image_size(config.name)
+    with torch.no_grad():
+        return tower.extract_features(torch.zeros(1, 3, size, size))[0, 0].numel()
+
+
 def _efficientnet(config: VisionConfig) -> VisionEncoder:
     from efficientnet_lite_pytorch import EfficientNet
     from torchvision import transforms

@@ -1,9 +1,9 @@
 """The benchmarks `vlm eval` scores: where each lives, how its rows read, how it is asked.
 
-Every benchmark but easy-VQA is read with `datasets.load_dataset` from the Hub copy that
-lmms-eval uses, or from a local override (`--data`): a snapshot folder of that Hub dataset
-(same configs and splits), an image folder with a metadata.jsonl, or one .parquet / .json /
-.jsonl / .csv file holding the Hub's columns. Rows become records
+Every benchmark but easy-VQA is read with `datasets` from the Hub copy that lmms-eval uses, or
+from a local override (`--data`): a snapshot folder of that Hub dataset (same configs and splits),
+an image folder with a metadata.jsonl, or .parquet / .json / .jsonl / .csv files holding the Hub's
+columns, opened as `vlm train` opens them (vlm/data/hub.py). Rows become records
 {question_id, image (PIL), question, prompt parts, answers, choices?, label?}; a row that cannot
 become one (no image, no question, no answers, a label outside its choices, an unreadable
 image) is yielded as {"index", "question_id", "error"} so the runner counts it, never drops it.
@@ -21,7 +21,7 @@ import numpy as np
 
 from vlm.config import ConfigError
 from vlm.data.easy_vqa import easy_vqa_questions
-from vlm.data.sources import LOCAL_FORMATS
+from vlm.data.hub import open_dataset
 from vlm.images import ImageError, load_image
 from vlm.prompts import MULTIPLE_CHOICE, SHORT_ANSWER
 
@@ -308,37 +308,8 @@ def select(benchmark: Benchmark, *, data: str | None = None, split: str | None =
                      dataset.__getitem__, image_of, base_dir)
 
 
-def _looks_local(source: str) -> bool:
-    # A Hub id is "name" or "owner/name"; anything else that is not on disk is a mistyped path.
-    return (Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-            or Path(source).suffix in LOCAL_FORMATS)
-
-
 def _load(source: str, config: str | None, split: str, name: str):
-    import datasets
-
-    path = Path(source).expanduser()
-    if _looks_local(source) and not path.exists():
-        raise ConfigError(f"--data {source}: no such file or folder")
-    try:
-        if path.is_file():
-            if path.suffix not in LOCAL_FORMATS:
-                raise ConfigError(f"--data {source}: use a .parquet, .json, .jsonl or .csv file, or a dataset folder")
-            # One file holds one split; `datasets` calls it "train".
-            return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        # A snapshot folder with the Hub's README declares the same configs; a bare folder has none.
-        named = config if not path.is_dir() or (path / "README.md").is_file() else None
-        return datasets.load_dataset(str(path) if path.is_dir() else source, named, split=split)
-    except ValueError as e:
-        message = str(e).splitlines()[0]
-        fix = " (pass --split NAME)" if "split" in message.lower() else ""
-        raise ConfigError(f"{name}: cannot read split {split!r} of {source}: {message}{fix}") from None
-    except (OSError, datasets.exceptions.DatasetNotFoundError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(
-            f"{name}: could not load {source} ({message}); download it where there is internet, "
-            "then pass --data PATH to the local copy"
-        ) from None
+    return open_dataset(source, split, config, context=name, set_path="pass --data PATH", set_split="pass --split NAME")
 
 
 def _check_columns(dataset, benchmark: Benchmark, source: str) -> None:

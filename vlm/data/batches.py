@@ -9,6 +9,7 @@ dropped from its batch and reported in the batch's "skipped" list, never a crash
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import random
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from vlm.config import StageConfig
 from vlm.data.feature_cache import FeatureCache
 from vlm.data.sources import Records
 from vlm.images import ImageError
@@ -222,3 +224,20 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rng.shuffle(batches)
         mine = batches[self.rank: len(self) * self.world_size: self.world_size]
         return iter(mine[self.skip:])
+
+
+def split_holdout(records: Records, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and validation records; whole images are held out, so no validation image
+    was seen in training (a text-only record is its own group)."""
+    groups = [records.key(i) or f"text:{i}" for i in range(len(records))]
+    keys = sorted(set(groups))
+    random.Random(seed).shuffle(keys)
+    held = set(keys[: int(len(keys) * fraction)])
+    is_held = np.array([g in held for g in groups], dtype=bool)
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def optimizer_steps(stage: StageConfig, batches_per_epoch: int) -> int:
+    """A stage's optimizer steps: train.<stage>.max_steps, or its epochs of batches taken grad_accum at a time."""
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / stage.grad_accum))
+    return stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)

@@ -2,8 +2,10 @@
 
 - llava: LLaVA JSON (558k caption records and 665k multi-turn records alike): `image` relative to
   an image root, `conversations` of {"from": "human"|"gpt", "value": ...} with `<image>` in the first human turn.
-- hf: a Hugging Face dataset (hub id, or a local folder / .json / .jsonl / .parquet / .csv file),
-  read through a column mapping: image + caption (align) or image + question + answer (instruct).
+- hf: a Hugging Face dataset (hub id, or local files: vlm/data/hub.py) as published: LLaVA-style
+  `conversations` + `image` (lmms-lab/LLaVA-OneVision-Data), the_cauldron's `texts` + `images`
+  (HuggingFaceM4/the_cauldron), both found by their column names, or any dataset through a column mapping:
+  image + caption (align) or image + question + answer (instruct).
 - easy_vqa: the packaged dataset; captions derived from its annotations (align), questions with
   LLaVA's short-answer suffix (instruct).
 """
@@ -26,14 +28,22 @@ from PIL import Image
 
 from vlm.config import ConfigError, DataSource
 from vlm.data.easy_vqa import describe, easy_vqa_questions
-from vlm.images import load_image
+from vlm.data.hub import open_dataset
+from vlm.images import ImageError, load_image
 from vlm.language_model import IMAGE_TOKEN
 from vlm.processor import with_image_placeholder
 from vlm.prompts import SHORT_ANSWER
 
 CAPTION_PROMPT = "Describe the image briefly."
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# The roles a hf dataset's columns play (data.*.columns maps role -> column), per layout.
+LAYOUT_ROLES = {
+    "llava": ("conversations", "image"),  # LLaVA turns [{from, value}]; the image may be null (text only)
+    "cauldron": ("texts", "images"),  # [{user, assistant, source}] turn pairs; a list of images
+    "caption": ("image", "caption"),
+    "qa": ("image", "question", "answer"),
+}
+SEVERAL_IMAGES = "several images"  # an example holds one image; records with more are skipped, counted
 # easy-VQA questions per training conversation: several questions about one image share its
 # image tokens and the system prompt, which is most of a single-question sequence.
 EASY_VQA_TURNS = 4
@@ -57,13 +67,22 @@ class FileImages:
 
 
 class DatasetImages:
-    """Opens the image in row `index` of a Hugging Face dataset's `column` (Arrow, memory-mapped)."""
+    """Opens the image in row `index` of a Hugging Face dataset's `column` (Arrow, memory-mapped), or the
+    first of a list of images (the_cauldron's `images`: rows with more never become examples)."""
 
     def __init__(self, dataset, column: str):
-        self.dataset, self.column = dataset, column
+        # Raw Arrow cells, opened by load_image: a corrupt image is an ImageError, which batches count and skip.
+        self.cells = dataset.select_columns([column]).with_format("arrow")
 
     def __call__(self, index: int) -> Image.Image:
-        return load_image(self.dataset[index][self.column])
+        cell = self.cells[index].column(0)[0].as_py()
+        if isinstance(cell, list):
+            cell = cell[0] if cell else None
+        if isinstance(cell, dict):  # the datasets Image feature's storage
+            cell = cell.get("bytes") or cell.get("path")
+        if not cell:
+            raise ImageError(f"row {index} of the dataset has no image")
+        return load_image(cell)
 
 
 class Records(Sequence):
@@ -122,13 +141,8 @@ def check_source(source: DataSource, stage: str) -> None:
     elif source.kind == "hf":
         if not source.path:
             raise ConfigError(f"data.{stage}.path is required for kind hf: a hub id or a local file/folder")
-        needed = ("image", "caption") if stage == "align" else ("image", "question", "answer")
-        missing = [role for role in needed if role not in source.columns]
-        if missing:
-            raise ConfigError(
-                f"data.{stage}.columns needs {', '.join(missing)}: map each role to a dataset column, "
-                f"e.g. data.{stage}.columns.{missing[0]}=<column name>"
-            )
+        if source.columns:  # without a mapping, the layout is found from the dataset's columns once it is open
+            _mapped_layout(source.columns, stage)
     elif source.kind == "easy_vqa" and source.split == "test":
         raise ConfigError(f"data.{stage}.split=test: easy-VQA's test split is for `vlm eval`, never for training")
 
@@ -197,56 +211,124 @@ def _parse_llava_record(record) -> tuple[str | None, list[dict]] | str:
     """(image path or None, chat messages), or the reason the record cannot be trained on."""
     if not isinstance(record, dict):
         return "record is not a JSON object"
-    conversation = record.get("conversations")
-    if not isinstance(conversation, list) or not conversation:
+    image = record.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        return "image is not a file name"
+    messages = conversation_messages(record.get("conversations"), has_image=image is not None)
+    return messages if isinstance(messages, str) else (image, messages)
+
+
+def conversation_messages(turns, has_image: bool) -> list[dict] | str:
+    """LLaVA turns ({"from", "value"}) as chat messages with `<image>` where LLaVA puts it, or the reason they
+    cannot be trained on. LLaVA JSON records and Hugging Face datasets in either conversation layout go through
+    here, so every source follows the same rules and counts the same skip reasons."""
+    if not isinstance(turns, list) or not turns:
         return "no conversations"
-    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversation):
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         return "a turn without a text value"
-    messages = [{"role": ROLES.get(turn.get("from"), "user"), "content": turn["value"]} for turn in conversation]
+    messages = [{"role": ROLES.get(turn.get("from"), "user"), "content": turn["value"]} for turn in turns]
     if not any(m["role"] == "assistant" for m in messages):
         return "no answer turn"
-    image = record.get("image")
-    if image is None:
-        return None, [_strip_image_token(m) for m in messages]
-    if not isinstance(image, str) or not image:
-        return "image is not a file name"
+    if not has_image:
+        return [_strip_image_token(m) for m in messages]
     if sum(m["content"].count(IMAGE_TOKEN) for m in messages) > 1:
-        return "several <image> placeholders for one image"
-    return image, with_image_placeholder(messages)
+        return SEVERAL_IMAGES
+    return with_image_placeholder(messages)
 
 
 def _hugging_face(source: DataSource, stage: str) -> Records:
-    import datasets
-
-    path = Path(source.path)
-    try:
-        if path.suffix in LOCAL_FORMATS:
-            dataset = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split=source.split)
-        else:
-            dataset = datasets.load_dataset(source.path, split=source.split)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise ConfigError(f"data.{stage}: could not load dataset {source.path!r} split {source.split!r}: {e}") from None
-    missing = [c for c in source.columns.values() if c not in dataset.column_names]
+    dataset = open_dataset(source.path, source.split, source.config, context=f"data.{stage}",
+                           set_path=f"set data.{stage}.path=PATH", set_split=f"set data.{stage}.split=NAME",
+                           set_config=f"set data.{stage}.config=NAME")
+    columns = source.columns or _detected_columns(dataset.column_names, source.path, stage)
+    layout = _mapped_layout(columns, stage)
+    missing = [c for c in columns.values() if c not in dataset.column_names]
     if missing:
         raise ConfigError(
             f"data.{stage}.columns names {missing}, not columns of {source.path} ({dataset.column_names})"
         )
-    cols = source.columns
+    image_column = columns.get("images" if layout == "cauldron" else "image")
+    counts = _image_counts(dataset, image_column) if image_column else np.zeros(len(dataset), np.int64)
     fingerprint = hashlib.sha256(f"{source.path}:{source.split}:{dataset._fingerprint}".encode()).hexdigest()[:16]
-    texts = dataset.remove_columns([cols["image"]])
+    texts = dataset.select_columns([c for role, c in columns.items() if role not in ("image", "images")])
+    skipped: collections.Counter = collections.Counter()
 
     def rows():
         for i, row in enumerate(texts):
-            if stage == "align":
-                messages = [_user(CAPTION_PROMPT, True), _assistant(_one_answer(row[cols["caption"]]))]
-            else:
-                messages = [
-                    _user(f"{row[cols['question']]}\n{SHORT_ANSWER}", True),
-                    _assistant(_one_answer(row[cols["answer"]])),
-                ]
-            yield f"hf:{fingerprint}:{i}", i, messages
+            messages = _row_messages(layout, {role: row[c] for role, c in columns.items() if c in row}, int(counts[i]))
+            if isinstance(messages, str):
+                skipped[messages] += 1
+                continue
+            yield (f"hf:{fingerprint}:{i}", i, messages) if counts[i] else ("", None, messages)
 
-    return Records(_limited(rows(), source.limit), DatasetImages(dataset, cols["image"]))
+    return Records(_limited(rows(), source.limit), DatasetImages(dataset, image_column) if image_column else None,
+                   skipped)
+
+
+def _detected_columns(names: list[str], path: str, stage: str) -> dict[str, str]:
+    for layout in ("llava", "cauldron"):
+        if set(LAYOUT_ROLES[layout]) <= set(names):
+            return {role: role for role in LAYOUT_ROLES[layout]}
+    needed = LAYOUT_ROLES["caption" if stage == "align" else "qa"]
+    raise ConfigError(
+        f"data.{stage}.columns needs {', '.join(needed)}: map each role to a dataset column, e.g. "
+        f"data.{stage}.columns.{needed[0]}=<column name> ({path} has {', '.join(names)}; datasets with "
+        "conversations + image or texts + images columns need no mapping)"
+    )
+
+
+def _mapped_layout(columns: dict[str, str], stage: str) -> str:
+    """The layout a role -> column mapping asks for: the conversation layouts by their text role, else
+    captions (align) or questions (instruct). A conversation layout's image role may be left out (text only)."""
+    layout = ("llava" if "conversations" in columns else "cauldron" if "texts" in columns
+              else "caption" if stage == "align" else "qa")
+    roles = LAYOUT_ROLES[layout]
+    required = roles[:1] if layout in ("llava", "cauldron") else roles
+    missing = [role for role in required if role not in columns]
+    if missing:
+        raise ConfigError(
+            f"data.{stage}.columns needs {', '.join(missing)}: map each role to a dataset column, "
+            f"e.g. data.{stage}.columns.{missing[0]}=<column name>"
+        )
+    unknown = [role for role in columns if role not in roles]
+    if unknown:
+        raise ConfigError(f"data.{stage}.columns.{unknown[0]}: not a role of the {layout} layout, whose roles are "
+                          f"{', '.join(roles)}")
+    return layout
+
+
+def _image_counts(dataset, column: str) -> np.ndarray:
+    """Images in each row, from the Arrow column's validity and list lengths: no image is read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cells = dataset.select_columns([column]).with_format("arrow")[:].column(0)
+    if pa.types.is_list(cells.type) or pa.types.is_large_list(cells.type):
+        return pc.fill_null(pc.list_value_length(cells), 0).to_numpy()
+    return pc.cast(pc.is_valid(cells), pa.int64()).to_numpy()
+
+
+def _row_messages(layout: str, row: dict, images: int) -> list[dict] | str:
+    """A hf row's chat messages (roles -> values), or the reason it cannot be trained on."""
+    if images > 1:
+        return SEVERAL_IMAGES
+    if layout == "llava":
+        return conversation_messages(row["conversations"], has_image=images == 1)
+    if layout == "cauldron":
+        return conversation_messages(_cauldron_turns(row["texts"]), has_image=images == 1)
+    if not images:
+        return "no image"
+    if layout == "caption":
+        return [_user(CAPTION_PROMPT, True), _assistant(_one_answer(row["caption"]))]
+    return [_user(f"{row['question']}\n{SHORT_ANSWER}", True), _assistant(_one_answer(row["answer"]))]
+
+
+def _cauldron_turns(texts):
+    """the_cauldron's {user, assistant} pairs as LLaVA turns (anything else as it is, for the same skip reasons)."""
+    if not isinstance(texts, list):
+        return texts
+    return [{"from": speaker, "value": pair.get(key) if isinstance(pair, dict) else None}
+            for pair in texts for speaker, key in (("human", "user"), ("gpt", "assistant"))]
 
 
 def _one_answer(value) -> str:
