@@ -220,6 +220,35 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("| " + " | ".join(line) + " |")
 
 
+def against_references(rows: list[dict], references: dict[str, str], match: list[str],
+                       measures: dict[str, str]) -> list[dict]:
+    """Each row over each reference row that matches it on the `match` fields: for a measure `key` with
+    title `name`, `"{name} vs {reference}"` = row[key] / reference_row[key].
+
+    `references` maps a short name to the system label of its rows, in order: the first is the base,
+    and a reference row is stated only against the references before it (never against itself).
+    Rows with no reference in the run are left out.
+    """
+    labels = list(references.values())
+    out = []
+    for row in rows:
+        before = labels.index(row["system"]) if row["system"] in labels else len(labels)
+        ratio = {}
+        for name, label in list(references.items())[:before]:
+            ref = next((r for r in rows if r["system"] == label and all(r[k] == row[k] for k in match)), None)
+            if ref is not None:
+                ratio.update({f"{title} vs {name}": row[key] / ref[key] for key, title in measures.items()})
+        if ratio:
+            out.append({**{k: row[k] for k in match}, "system": row["system"], **ratio})
+    return out
+
+
+def reference_columns(references: dict[str, str], present: list[str], measures: dict[str, str]) -> list[str]:
+    """against_references' ratio columns for the references among `present` (their short names)."""
+    names = [name for name in references if name in present]
+    return [f"{title} vs {name}" for title in measures.values() for name in names]
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"

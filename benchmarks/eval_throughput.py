@@ -1,19 +1,24 @@
 """Evaluation throughput: vlm's batched greedy generation (`model.chat` on a batch, left padding)
-against a per-sample loop (`model.chat` on one question at a time: batch 1), in questions/s.
+against a per-sample loop (`model.chat` on one question at a time: batch 1), in questions/s, and
+against transformers' LlavaForConditionalGeneration built from the same configs, generating the
+same prompts: eager ("llava") and compiled ("llava compiled": a static KV cache, whose decoding
+steps transformers' generate() compiles with CUDA graphs, CompileConfig's default "reduce-overhead").
 
     python -m benchmarks.eval_throughput                  # on a GPU
-    python -m benchmarks.eval_throughput --tiny --batches 1 4 --questions 8   # CPU smoke run
+    python -m benchmarks.eval_throughput --tiny --device cpu   # CPU smoke run (batches 1 4, 8 questions)
 
 Every question gets its own image (preprocessing is part of the measured time) and exactly
 --new-tokens answer tokens (min_new_tokens = max_new_tokens, so random weights cannot end an
 answer early and favour either side). Last, the demo's path for one question: time to the
-first token and decoding tokens/s.
+first token and decoding tokens/s. LLaVA gets its prompts from vlm's `prepare` (the same chat
+template, image placeholders and image preprocessing), so only the model and its generation differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -23,15 +28,22 @@ from PIL import Image
 from benchmarks.common import (
     LMS,
     VISION,
+    against_references,
+    build_llava,
     build_vlm,
     describe_device,
     print_table,
+    reference_columns,
+    reset_memory,
     synchronize,
     timed_answer,
     write_lm,
     write_vision,
 )
 
+# The references: a --systems name and the label of its rows. vlm's rows are stated against each.
+REFERENCES = {"llava": "llava (transformers)", "llava compiled": "llava compiled (transformers)"}
+SYSTEMS = ["vlm", *REFERENCES]
 QUESTIONS = ["What color is the shape?", "What shape is in the image?", "How many objects are there?",
              "Is there a circle in the picture?"]
 
@@ -46,11 +58,67 @@ def make_questions(n: int) -> tuple[list[Image.Image], list[list[dict]]]:
     return images, conversations
 
 
+class LlavaChat:
+    """transformers' LLaVA behind the calls the measurements make (prepare, generate, chat), on the
+    prompts vlm's `prepare` builds. With `compiled`, generation runs the way transformers documents for
+    speed: `cache_implementation="static"`, so generate() compiles the decoding forward (CUDA graphs)."""
+
+    def __init__(self, llava, vlm, compiled: bool, device: str):
+        self.llava, self.vlm, self.compiled = llava, vlm, compiled
+        self.options = {"pad_token_id": vlm.tokenizer.pad_token_id, "do_sample": False}
+        if compiled:
+            from transformers import CompileConfig
+
+            config = CompileConfig()  # transformers' default: mode="reduce-overhead"
+            if not device.startswith("cuda"):
+                # transformers compiles only on accelerators unless told; --tiny runs on the CPU
+                config._compile_all_devices = True
+            self.options.update(cache_implementation="static", compile_config=config)
+            # Each batch size and prompt length is a compiled variant; past dynamo's limit (8) the rest
+            # would run eagerly without a word.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    def prepare(self, images, conversations) -> dict:
+        batch = self.vlm.prepare(images, conversations)
+        batch["pixel_values"] = batch["pixel_values"].to(self.llava.dtype)
+        return batch
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values=None, **generate_kwargs):
+        """New token ids only, as vlm's generate returns them."""
+        out = self.llava.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                  **self.options, **generate_kwargs)
+        return out[:, input_ids.shape[1]:]
+
+    def chat(self, images, conversations, **generate_kwargs) -> list[str]:
+        tokens = self.generate(**self.prepare(images, conversations), **generate_kwargs)
+        return [text.strip() for text in self.vlm.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def check_compiled(self) -> None:
+        """RuntimeError if generate() fell back to eager decoding (transformers decides per call)."""
+        if self.compiled and not hasattr(self.llava, "_compiled_call"):
+            raise RuntimeError("transformers' generate() did not compile the decoding forward")
+
+
+def build_llava_chat(args, vlm, compiled: bool) -> LlavaChat:
+    """LLaVA from the same configs as vlm, all in bf16 for inference (no autocast, whose per-op cost
+    would slow its decoding); vlm's projector stays fp32, as vlm keeps it."""
+    llava = build_llava(args.vision, args.lm, args.tiny, image_token_id=vlm.processor.image_token_id,
+                        device=args.device)
+    llava.to(torch.bfloat16).requires_grad_(False).eval()
+    return LlavaChat(llava, vlm, compiled, args.device)
+
+
 def questions_per_second(model, images, conversations, batch: int, new_tokens: int, device: str) -> float:
     import time
 
     generate = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    model.chat(images[:batch], conversations[:batch], **generate)  # warm-up at this shape
+    # Untimed, every prompt shape the timed pass meets, so none (and, compiled, no graph) is new while
+    # timing: the questions repeat every len(QUESTIONS), so the batches in the first lcm(batch,
+    # len(QUESTIONS)) questions have every padded length; then a last, shorter batch if there is one.
+    starts = list(range(0, len(images), batch))
+    for i in starts[:math.lcm(batch, len(QUESTIONS)) // batch] + (starts[-1:] if len(images) % batch else []):
+        model.chat(images[i:i + batch], conversations[i:i + batch], **generate)
     synchronize(device)
     start = time.perf_counter()
     for i in range(0, len(images), batch):
@@ -71,19 +139,56 @@ def stream_latency(model, image, conversation, new_tokens: int, repeats: int) ->
     return {"time to first token ms": 1e3 * statistics.median(first[1:]), "tokens/s": statistics.median(rates[1:])}
 
 
-def main(argv=None) -> None:
+def measure(model, system: str, images, conversations, args) -> tuple[list[dict], dict]:
+    """One system's batched rows (questions/s at each batch size) and its streaming latency."""
+    rows = []
+    for batch in args.batches:
+        n = max(batch, args.questions)
+        rate = questions_per_second(model, images[:n], conversations[:n], batch, args.new_tokens, args.device)
+        if isinstance(model, LlavaChat):
+            model.check_compiled()
+        rows.append({"system": system, "batch": batch, "questions": n, "questions/s": rate,
+                     "vs per-sample loop": rate / rows[0]["questions/s"] if rows else 1.0})
+        print(json.dumps(rows[-1]), flush=True)
+    latency = {"system": system, **stream_latency(model, images[0], conversations[0], args.stream_tokens, repeats=5)}
+    print(json.dumps(latency), flush=True)
+    return rows, latency
+
+
+BATCH_RATIOS = {"questions/s": "questions/s"}
+STREAM_RATIOS = {"time to first token ms": "time to first token", "tokens/s": "decoding tokens/s"}
+
+
+def ratios(rows: list[dict], latency: list[dict]) -> tuple[list[dict], list[dict]]:
+    """vlm's rows over each reference's row at the same batch size, its streaming latency over theirs;
+    "llava compiled" is stated against "llava" too."""
+    return (against_references(rows, REFERENCES, ["batch"], BATCH_RATIOS),
+            against_references(latency, REFERENCES, [], STREAM_RATIOS))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vision", choices=list(VISION), default="vit-l14-336")
     parser.add_argument("--lm", choices=list(LMS), default="smollm2-135m")
     # Batch 1 is the per-sample loop the other rows are compared with.
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--questions", type=int, default=32, help="questions per measurement (at least the batch)")
+    parser.add_argument("--batches", type=int, nargs="+", help="default: 1 2 4 8 16 32 64; 1 4 with --tiny")
+    parser.add_argument("--questions", type=int,
+                        help="questions per measurement (at least the batch); default: 32, 8 with --tiny")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--stream-tokens", type=int, default=64, help="answer length for the streaming latency")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS,
+                        help="vlm always runs; llava compiled compiles generation in its warm-up")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized configs, to check the script runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    # --tiny checks that the script runs: a small grid keeps it quick with compiled LLaVA on a CPU.
+    args.batches = args.batches or ([1, 4] if args.tiny else [1, 2, 4, 8, 16, 32, 64])
+    args.questions = args.questions or (8 if args.tiny else 32)
 
     print(describe_device(args.device), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,27 +202,37 @@ def main(argv=None) -> None:
     )
 
     images, conversations = make_questions(max(args.questions, *args.batches))
-    rows = []
-    for batch in args.batches:
-        n = max(batch, args.questions)
-        rate = questions_per_second(model, images[:n], conversations[:n], batch, args.new_tokens, args.device)
-        rows.append(
-            {
-                "batch": batch,
-                "questions": n,
-                "questions/s": rate,
-                "vs per-sample loop": rate / rows[0]["questions/s"] if rows else 1.0,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    latency = stream_latency(model, images[0], conversations[0], args.stream_tokens, repeats=5)
-    print(json.dumps(latency), flush=True)
+    rows, latency = [], []
+    # vlm first: LLaVA's prompts come from vlm's processor, so vlm stays loaded throughout.
+    for system in [name for name in SYSTEMS if name == "vlm" or name in args.systems]:
+        reset_memory(args.device, forget_compiled=True)
+        chat = model if system == "vlm" else build_llava_chat(args, model, compiled=system == "llava compiled")
+        label = REFERENCES.get(system, system)
+        try:
+            system_rows, system_latency = measure(chat, label, images, conversations, args)
+        except Exception as error:  # compiled generation is transformers' to support; the others must work
+            if system != "llava compiled":
+                raise
+            print(f"llava compiled: left out, compiled generation failed: {type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}", flush=True)
+            continue
+        finally:
+            del chat
+        rows += system_rows
+        latency.append(system_latency)
+    present = sorted({name for name, label in REFERENCES.items() if any(r["system"] == label for r in rows)})
+    batch_ratios, stream_ratios = ratios(rows, latency)
     print()
-    print_table(rows, ["batch", "questions", "questions/s", "vs per-sample loop"])
+    print_table(rows, ["system", "batch", "questions", "questions/s", "vs per-sample loop"])
     print()
-    print_table([latency], list(latency))
+    print_table(batch_ratios, ["system", "batch", *reference_columns(REFERENCES, present, BATCH_RATIOS)])
+    print()
+    print_table(latency, ["system", "time to first token ms", "tokens/s"])
+    print()
+    print_table(stream_ratios, ["system", *reference_columns(REFERENCES, present, STREAM_RATIOS)])
     if args.json:
-        args.json.write_text(json.dumps({"batched": rows, "stream": latency}, indent=1))
+        args.json.write_text(json.dumps({"batched": rows, "stream": latency, "batched ratios": batch_ratios,
+                                         "stream ratios": stream_ratios}, indent=1))
 
 
 if __name__ == "__main__":

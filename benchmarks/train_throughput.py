@@ -1,8 +1,10 @@
 """Training-step throughput: vlm against transformers' LlavaForConditionalGeneration built from the same
 configs, projector only (stage 1) and projector + LoRA (stage 2), bf16 autocast, same batch and sequence.
+Two references in the same run: LLaVA eager ("llava") and LLaVA after `torch.compile(model)` ("llava
+compiled"); every other row is stated against each of them that ran.
 
     python -m benchmarks.train_throughput                  # on a GPU: the full comparison
-    python -m benchmarks.train_throughput --tiny --steps 2 # CPU smoke run on tiny configs
+    python -m benchmarks.train_throughput --tiny --steps 2 # CPU smoke run on tiny configs (one pair)
 
 Each sequence is VQA-like: a short prefix, the image tokens, a question, an 8-token supervised
 answer and the end of turn; labels are -100 everywhere but the answer. The backbones' weights
@@ -24,12 +26,14 @@ from benchmarks.common import (
     PEAK_FLOPS,
     VISION,
     add_lora,
+    against_references,
     build_llava,
     build_vlm,
     describe_device,
     lm_config,
     peak_memory_gib,
     print_table,
+    reference_columns,
     reset_memory,
     synchronize,
     timed,
@@ -43,6 +47,8 @@ from vlm.testing import tiny_chat_tokenizer
 START = time.perf_counter()
 PREFIX, ANSWER, SUFFIX = 5, 8, 3
 COLUMNS = ["backbones", "stage", "system", "samples/s", "tokens/s", "step ms", "peak GiB", "MFU %"]
+# The references: a --systems name and the label of its rows. Every other row is stated against each.
+REFERENCES = {"llava": "llava (transformers)", "llava compiled": "llava compiled (transformers)"}
 
 
 def make_batch(batch: int, image_tokens: int, text_tokens: int, image_token_id: int, device: str, processor=None):
@@ -124,24 +130,28 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
     profiles = args.profile_dir if (vision_name, lm_name) == args.pairs[0] else None
     for stage in args.stages:
         lora_r = 16 if stage == 2 else 0
-        if "llava" in args.systems:
+        for system in [name for name in REFERENCES if name in args.systems]:
             reset_memory(device, forget_compiled=True)
             llava = build_llava(vision_name, lm_name, args.tiny, image_token_id=_image_token_id(lm_dir), device=device)
             if stage == 2:
                 add_lora(llava.model.language_model)
-            _print_attention("llava", llava.config.vision_config, llava.config.text_config)
+            _print_attention(system, llava.config.vision_config, llava.config.text_config)
+            # transformers' own way to speed up a model: torch.compile on the whole of it, default mode. The
+            # optimizer and autocast are the eager reference's; compiling happens in the warm-up.
+            forward = torch.compile(llava) if system == "llava compiled" else llava
             batch = make_batch(args.batch, image_tokens, args.text_tokens, _image_token_id(lm_dir), device)
             step = make_step(
-                llava, lambda m=llava, b=batch: m(**b, pixel_values=pixels.to(torch.bfloat16)).loss, device
+                llava, lambda m=forward, b=batch: m(**b, pixel_values=pixels.to(torch.bfloat16)).loss, device
             )
+            tag = system.replace(" ", "_")
             record(
-                "llava (transformers)",
+                REFERENCES[system],
                 stage,
-                measure(step, device, args, _profile_path(profiles, f"llava_s{stage}")),
+                measure(step, device, args, _profile_path(profiles, f"{tag}_s{stage}")),
                 False,
                 lora_r,
             )
-            del llava, step
+            del llava, forward, step
         for system in [name for name in ("vlm", "vlm compiled") if name in args.systems]:
             reset_memory(device, forget_compiled=True)
             model = build_vlm(vision_dir, lm_dir, device)
@@ -183,19 +193,17 @@ def _profile_path(directory: Path | None, name: str) -> Path | None:
     return None if directory is None else directory / f"profile_{name}.txt"
 
 
+RATIOS = {"samples/s": "samples/s", "peak GiB": "peak memory"}
+
+
 def ratios(rows: list[dict]) -> list[dict]:
-    """vlm's rows over the LLaVA row of the same backbones and stage."""
-    out = []
-    for row in rows:
-        if row["system"].startswith("llava"):
-            continue
-        ref = next((r for r in rows if r["system"].startswith("llava") and r["backbones"] == row["backbones"]
-                    and r["stage"] == row["stage"]), None)
-        if ref is not None:
-            out.append({"backbones": row["backbones"], "stage": row["stage"], "system": row["system"],
-                        "samples/s vs llava": row["samples/s"] / ref["samples/s"],
-                        "peak memory vs llava": row["peak GiB"] / ref["peak GiB"]})
-    return out
+    """Each row over each reference row of the same backbones and stage in the run: samples/s and peak
+    memory. "llava compiled" is stated against "llava", the eager reference is not stated."""
+    return against_references(rows, REFERENCES, ["backbones", "stage"], RATIOS)
+
+
+def ratio_columns(systems: list[str]) -> list[str]:
+    return ["backbones", "stage", "system", *reference_columns(REFERENCES, systems, RATIOS)]
 
 
 def parse_pair(text: str) -> tuple[str, str]:
@@ -205,15 +213,15 @@ def parse_pair(text: str) -> tuple[str, str]:
     return vision, lm
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--pairs", type=parse_pair, nargs="+", default=[parse_pair(f"{v}:{l}") for v in VISION for l in LMS]
-    )
+    parser.add_argument("--pairs", type=parse_pair, nargs="+", metavar="VISION:LM",
+                        help="default: every pair; with --tiny the first only (tiny configs replace them all alike)")
     parser.add_argument("--stages", type=int, nargs="+", choices=[1, 2], default=[1, 2])
-    # "vlm compiled": after VisionLanguageModel.compile_for_training() (a minute of compiling per model).
-    parser.add_argument("--systems", nargs="+", choices=["llava", "vlm", "vlm compiled"],
-                        default=["llava", "vlm", "vlm compiled"])
+    # "vlm compiled": after VisionLanguageModel.compile_for_training(); "llava compiled": torch.compile(llava).
+    # Each compiles in its warm-up (seconds to a minute per model).
+    systems = [*REFERENCES, "vlm", "vlm compiled"]
+    parser.add_argument("--systems", nargs="+", choices=systems, default=systems)
     parser.add_argument("--batch", type=int, default=32, help="vlm's default training batch (train.*.batch_size)")
     parser.add_argument("--text-tokens", type=int, default=64, help="text tokens around the image tokens")
     parser.add_argument("--steps", type=int, default=10)
@@ -222,7 +230,12 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile-dir", type=Path, help="write torch.profiler tables of the first pair's steps here")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    args.pairs = args.pairs or [parse_pair(f"{v}:{l}") for v in VISION for l in LMS][:1 if args.tiny else None]
     if args.profile_dir:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
     print(describe_device(args.device), flush=True)
@@ -234,7 +247,7 @@ def main(argv=None) -> None:
     print()
     print_table(rows, COLUMNS)
     print()
-    print_table(ratios(rows), ["backbones", "stage", "system", "samples/s vs llava", "peak memory vs llava"])
+    print_table(ratios(rows), ratio_columns(args.systems))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
