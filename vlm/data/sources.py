@@ -202,14 +202,31 @@ def _parse_llava_record(record) -> tuple[str | None, list[dict]] | str:
         return "no conversations"
     if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conversation):
         return "a turn without a text value"
-    messages = [{"role": ROLES.get(turn.get("from"), "user"), "content": turn["value"]} for turn in conversation]
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no answer turn"
+    # `from` can be any JSON, lists and objects included; a speaker we do not know has no place in the template.
+    if not all(isinstance(t.get("from"), str) and t["from"] in ROLES for t in conversation):
+        return "a turn from neither human nor gpt"
     image = record.get("image")
-    if image is None:
-        return None, [_strip_image_token(m) for m in messages]
-    if not isinstance(image, str) or not image:
+    if image is not None and (not isinstance(image, str) or not image or "\0" in image):
         return "image is not a file name"
+    try:
+        # A lone surrogate (a truncated emoji escape) parses as JSON, but no tokenizer or file system takes it.
+        "".join([image or "", *(t["value"] for t in conversation)]).encode()
+    except UnicodeEncodeError:
+        return "text that is not valid Unicode"
+    messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in conversation]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not answers:
+        return "no answer turn"
+    if next(m["role"] for m in messages if m["role"] != "system") != "user":
+        return "an answer before the first question"  # the image goes in the first question; answers follow one
+    if not all(a.strip() for a in answers):
+        return "an empty answer"  # it would teach the model to stop before saying anything
+    if image is None:
+        messages = [_strip_image_token(m) for m in messages]
+        # "<ima<image>ge>" still reads "<image>" once stripped: an image slot with no image to fill it.
+        if any(IMAGE_TOKEN in m["content"] for m in messages):
+            return "an <image> placeholder in a record without an image"
+        return None, messages
     if sum(m["content"].count(IMAGE_TOKEN) for m in messages) > 1:
         return "several <image> placeholders for one image"
     return image, with_image_placeholder(messages)
