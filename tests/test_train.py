@@ -213,3 +213,58 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_config, l
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["processes"] == 2
     VisionLanguageModel.from_pretrained(tmp_path / "run" / "final")
+
+
+def test_instruct_after_align_in_the_same_folder_starts_from_aligns_weights(tmp_path, tiny_model_config, llava_data):
+    # Both stages on the same records, so stage 2's untrained baseline is align's last held-out loss
+    # exactly when it starts from align's final projector.
+    config = write_config(tmp_path, tiny_model_config, llava_data, align={"epochs": 2, "batch_size": 4, "lr": 3e-3})
+    same_data = [f"data.instruct.path={llava_data / 'captions.json'}", "train.instruct.epochs=1"]
+    assert run_training(config, same_data, stage="align") == 0
+    aligned = load_file(tmp_path / "run" / "final" / "projector.safetensors")
+    assert run_training(config, same_data, stage="instruct") == 0
+    val = {stage: [r for r in rows(tmp_path / "run") if r["stage"] == stage and "val_loss" in r]
+           for stage in ("align", "instruct")}
+    assert val["instruct"][0]["step"] == 0 and val["align"][-1]["step"] > 0
+    assert val["instruct"][0]["val_loss"] == pytest.approx(val["align"][-1]["val_loss"], rel=1e-6)
+    assert val["align"][0]["val_loss"] != pytest.approx(val["align"][-1]["val_loss"], rel=1e-3)  # align trained
+    trained = load_file(tmp_path / "run" / "final" / "projector.safetensors")
+    assert any(not torch.equal(aligned[k], trained[k]) for k in aligned)
+    for stage in ("instruct", "both"):  # stage 2 is done too now: a new run there needs --resume or a new folder
+        with pytest.raises(ConfigError, match="already holds a run's checkpoints"):
+            run_training(config, same_data, stage=stage)
+
+
+def test_resume_continues_the_stage_that_was_running_whatever_stage_says(tmp_path, tiny_model_config, llava_data,
+                                                                          monkeypatch):
+    import vlm.train.trainer as trainer
+
+    save_checkpoint = trainer.save_checkpoint
+    finals = {}
+    for killed_in, resumed_as in (("align", "instruct"), ("instruct", "align")):
+        folder = tmp_path / killed_in
+        folder.mkdir()
+        config = write_config(folder, tiny_model_config, llava_data)
+
+        def save_then_die(output_dir, model, optimizer, scheduler, progress, keep_last, killed_in=killed_in):
+            save_checkpoint(output_dir, model, optimizer, scheduler, progress, keep_last)
+            if progress.stage == killed_in:
+                raise KeyboardInterrupt  # the process stops right after its first checkpoint in that stage
+
+        monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(config, [])
+        monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+        before = rows(folder / "run")
+        assert run_training(config, [], stage=resumed_as, resume=True) == 0
+        after = rows(folder / "run")
+        last_step = {r["stage"]: r["step"] for r in after}
+        if killed_in == "align":  # align finished first, then the instruct stage that --stage asked for
+            assert last_step["align"] > before[-1]["step"] and "instruct" in last_step
+        else:  # instruct finished; --stage align did not start the run over
+            assert last_step["instruct"] > before[-1]["step"]
+            assert [r for r in after if r["stage"] == "align"] == [r for r in before if r["stage"] == "align"]
+        finals[killed_in] = load_file(folder / "run" / "final" / "projector.safetensors")
+    # Two interruptions, one in each stage: both runs end where one uninterrupted run would.
+    for key in finals["align"]:
+        torch.testing.assert_close(finals["align"][key], finals["instruct"][key], rtol=1e-5, atol=1e-6)

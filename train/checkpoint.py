@@ -67,6 +67,10 @@ def restore_training_state(checkpoint: Path, optimizer, scheduler) -> None:
     # Our own files, written by save_checkpoint; weights_only keeps even those from running code.
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    restore_rng(checkpoint)
+
+
+def restore_rng(checkpoint: Path) -> None:
     rng = load_file(checkpoint / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

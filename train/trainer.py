@@ -29,22 +29,26 @@ from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSa
 from vlm.data.feature_cache import FeatureCache, ensure_fits, feature_spec
 from vlm.data.sources import Records, check_source, load_examples
 from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
-from vlm.train.checkpoint import Progress, list_checkpoints, read_progress, restore_training_state, save_checkpoint
+from vlm.train.checkpoint import (
+    Progress,
+    list_checkpoints,
+    read_progress,
+    restore_rng,
+    restore_training_state,
+    save_checkpoint,
+)
 from vlm.train.report import plot_losses, write_report
 
-STAGES = {"align": ["align"], "instruct": ["instruct"], "both": ["align", "instruct"]}
+STAGE_ORDER = ["align", "instruct"]
+STAGES = {"align": ["align"], "instruct": ["instruct"], "both": STAGE_ORDER}
 
 
 def run_training(preset: str, overrides: list[str], stage: str | None = None, resume: bool = False) -> int:
     config = load_config(preset, list(overrides) + ([f"train.stage={stage}"] if stage else []))
-    stages = check_config(config)
     output_dir = Path(config.train.output_dir)
-    checkpoints = list_checkpoints(output_dir)
-    if checkpoints and not resume:
-        raise ConfigError(
-            f"{output_dir} already holds a run's checkpoints; pass --resume to continue it, "
-            "or set train.output_dir=<new folder> to start another"
-        )
+    stages, resume_from, start_from = plan_stages(STAGES[config.train.stage], list_checkpoints(output_dir), resume,
+                                                  output_dir)
+    check_config(config, stages)
     # Every record is read, and a stage with nothing to train on stops, before any model loads.
     records = {name: load_stage_records(config, name) for name in stages}
 
@@ -65,14 +69,12 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
     cache = open_feature_cache(config, model, records, accelerator)
     run = Run(config, accelerator, model, cache, MetricsLog(output_dir / "metrics.jsonl", accelerator))
 
-    resume_from = checkpoints[-1] if checkpoints else None
+    if start_from is not None:
+        # The RNG too, so the next stage starts exactly as it would have in one uninterrupted run (LoRA's init draws).
+        model.load_trained_weights(start_from / "model")
+        restore_rng(start_from)
     summaries = {}
     for name in stages:
-        progress = read_progress(resume_from) if resume_from else None
-        if progress and stages.index(progress.stage) > stages.index(name):
-            continue  # finished before the restart; its weights come with the later checkpoint
-        if progress and progress.stage != name:
-            resume_from, progress = None, None
         summaries[name] = train_stage(run, name, records[name], resume_from)
         resume_from = None
 
@@ -85,6 +87,30 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
         print(f"trained projector saved to {output_dir / 'final'}\n{report}")
     accelerator.end_training()
     return 0
+
+
+def plan_stages(requested: list[str], checkpoints: list[Path], resume: bool, output_dir: Path
+                ) -> tuple[list[str], Path | None, Path | None]:
+    """The stages this command trains, the checkpoint the first resumes, and the finished stage's
+    checkpoint whose weights the first starts from.
+
+    --resume continues the stage the last checkpoint was written in, whatever --stage says, then the
+    requested stages after it: under `--stage instruct --resume` a run killed in align finishes align
+    first, and `--stage align --resume` never sends a run killed in instruct back to align. A finished
+    stage hands its weights to the next, with or without --resume (`--stage instruct` after `--stage align`).
+    """
+    if not checkpoints:
+        return requested, None, None  # --resume too: a run killed before its first checkpoint starts over
+    last = read_progress(checkpoints[-1])
+    later = [name for name in requested if STAGE_ORDER.index(name) > STAGE_ORDER.index(last.stage)]
+    if last.done and later and (resume or later == requested):
+        return later, None, checkpoints[-1]
+    if resume:
+        return [last.stage, *later], checkpoints[-1], None
+    raise ConfigError(
+        f"{output_dir} already holds a run's checkpoints; pass --resume to continue it, "
+        "or set train.output_dir=<new folder> to start another"
+    )
 
 
 def load_stage_records(config: Config, name: str) -> Records:
@@ -120,9 +146,8 @@ def open_feature_cache(config: Config, model: VisionLanguageModel, records: dict
     return cache
 
 
-def check_config(config: Config) -> list[str]:
-    """Everything that can be wrong with a config, checked before any model loads."""
-    stages = STAGES[config.train.stage]
+def check_config(config: Config, stages: list[str]) -> None:
+    """Everything that can be wrong with a config for these stages, checked before any model loads."""
     for name in stages:
         stage: StageConfig = getattr(config.train, name)
         if name == "align" and stage.train_lm != "none":
@@ -135,7 +160,6 @@ def check_config(config: Config) -> list[str]:
         check_source(getattr(config.data, name), name)
     if not 0 <= config.data.val_fraction < 1:
         raise ConfigError("data.val_fraction must be in [0, 1)")
-    return stages
 
 
 @dataclass
