@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from vlm.cli import main
 from vlm.config import ConfigError
 from vlm.model import VisionLanguageModel
 from vlm.train.trainer import run_training
@@ -268,3 +270,84 @@ def test_resume_continues_the_stage_that_was_running_whatever_stage_says(tmp_pat
     # Two interruptions, one in each stage: both runs end where one uninterrupted run would.
     for key in finals["align"]:
         torch.testing.assert_close(finals["align"][key], finals["instruct"][key], rtol=1e-5, atol=1e-6)
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_model_loads(
+    tmp_path, tiny_model_config, llava_data, monkeypatch, capsys
+):
+    config = write_config(tmp_path, tiny_model_config, llava_data)
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o500)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        # chmod stops no write by root, who runs these tests in CI: the folder refuses as a read-only mount would.
+        if run in (Path(path), Path(path).parent) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(VisionLanguageModel, "from_config", _no_model)
+    assert main(["train", "--config", config]) == 2
+    assert capsys.readouterr().err == (
+        f"vlm train: cannot write {run}: Permission denied; make it writable, "
+        "or set train.output_dir=<a folder you can write>\n"
+    )
+
+
+@pytest.mark.parametrize("how", ["OSError", "torch.save"])
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_no_staging_folder(
+    tmp_path, tiny_model_config, llava_data, monkeypatch, capsys, how
+):
+    import shutil
+
+    import vlm.files
+    import vlm.train.checkpoint
+
+    config = write_config(tmp_path, tiny_model_config, llava_data)
+    if how == "OSError":
+        def disk_full(tensors, path, *args, **kwargs):  # the RNG file, written after the model and optimizer
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        monkeypatch.setattr(vlm.train.checkpoint, "save_file", disk_full)
+    else:
+        # What torch.save raises when the disk fills under it, its OSError lost; the disk has nothing left.
+        def torch_save_on_a_full_disk(obj, path, *args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+        monkeypatch.setattr(vlm.train.checkpoint.torch, "save", torch_save_on_a_full_disk)
+        monkeypatch.setattr(vlm.files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    assert main(["train", "--config", config]) == 2
+    err = capsys.readouterr().err
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"vlm train: cannot write {checkpoints / 'align-step-0000004'}: No space left on device; "
+        "free space there and continue with --resume, or set train.output_dir=<a folder on another disk>"
+    )
+    assert list(checkpoints.iterdir()) == []  # the staging folder went, with the model and optimizer it held
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path, tiny_model_config, llava_data, capsys):
+    config = write_config(tmp_path, tiny_model_config, llava_data, stage="align")
+    assert run_training(config, ["train.align.epochs=1"]) == 0
+    marker = tmp_path / "hijacked"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    optimizer_file = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "optimizer.pt"
+    torch.save({"state": Payload(), "param_groups": []}, optimizer_file)
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--resume", "train.align.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"vlm train: refused to load {optimizer_file}: it holds more than plain tensors, and loading it could run "
+        "code; delete that checkpoint folder to resume from an earlier one, or start over in a new train.output_dir"
+    )

@@ -31,10 +31,12 @@ from vlm.data.sources import Records, check_source, load_examples
 from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
 from vlm.train.checkpoint import (
     Progress,
+    check_run_folder,
     list_checkpoints,
     read_progress,
     restore_rng,
     restore_training_state,
+    run_folder_writes,
     save_checkpoint,
 )
 from vlm.train.report import plot_losses, write_report
@@ -51,6 +53,7 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
     check_config(config, stages)
     # Every record is read, and a stage with nothing to train on stops, before any model loads.
     records = {name: load_stage_records(config, name) for name in stages}
+    check_run_folder(output_dir)
 
     accelerator = Accelerator(
         mixed_precision=_precision(config.train.mixed_precision),
@@ -80,8 +83,8 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        final.save_pretrained(output_dir / "final")
+        with run_folder_writes(output_dir):
+            accelerator.unwrap_model(model).save_pretrained(output_dir / "final")
         plot_losses(output_dir / "metrics.jsonl", output_dir / "loss.png")
         report = write_report(output_dir, summaries, config.train, accelerator)
         print(f"trained projector saved to {output_dir / 'final'}\n{report}")
@@ -205,58 +208,58 @@ def train_stage(run: Run, name: str, records: Records, resume_from: Path | None)
 
     if progress.step == 0:  # the untrained baseline, so the curve shows what training bought
         metrics.log(name, 0, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
-    bar = tqdm(
+    # Closed on the way out of an error too, so the error's one line starts a line of its own.
+    with tqdm(
         total=total_steps, initial=progress.step, desc=f"stage {name}", disable=not accelerator.is_local_main_process
-    )
-    model.train()
-    started, window_samples, window_tokens, window_start = time.time() - progress.seconds, 0, 0, time.time()
-    micro = 0
-    while progress.step < total_steps:
-        data.sampler.set_position(progress.epoch, progress.batches_in_epoch)
-        for batch in data.loader:
-            progress.batches_in_epoch += 1
-            data.skipped.add(batch.pop("skipped"))
-            if not batch:
-                continue
-            # Pinned batches copy while the GPU still runs the last step; nothing in the step waits on the GPU.
-            batch = send_to_device(batch, accelerator.device, non_blocking=True)
-            # Accumulation by hand: checkpoints fall on optimizer steps, so a resumed run restarts
-            # the count at zero exactly where the interrupted one did.
-            micro += 1
-            sync = micro % stage.grad_accum == 0
-            with nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(**batch)["loss"]
-                accelerator.backward(loss / stage.grad_accum)
-            samples = len(batch["input_ids"]) * accelerator.num_processes
-            progress.samples += samples
-            window_samples += samples
-            window_tokens += batch["input_ids"].numel() * accelerator.num_processes
-            if not sync:
-                continue
-            accelerator.clip_grad_norm_(trainable, config.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            progress.step += 1
-            progress.seconds = time.time() - started
-            bar.update(1)
-            if progress.step % config.train.log_every == 0 or progress.step == total_steps:
-                rate = window_samples / max(time.time() - window_start, 1e-9)
-                row = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": scheduler.get_last_lr()[0],
-                       "samples_per_s": rate, "tokens_per_sample": window_tokens / max(window_samples, 1)}
-                metrics.log(name, progress.step, row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", samples_s=f"{rate:.1f}")
-                window_samples, window_tokens, window_start = 0, 0, time.time()
-            if progress.step % config.train.eval_every == 0:
-                metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
-            if progress.step % config.train.save_every == 0 and progress.step < total_steps:
-                _save(accelerator, model, optimizer, scheduler, progress, config)
-            if progress.step >= total_steps:
-                break
-        else:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-    bar.close()
+    ) as bar:
+        model.train()
+        started, window_samples, window_tokens, window_start = time.time() - progress.seconds, 0, 0, time.time()
+        micro = 0
+        while progress.step < total_steps:
+            data.sampler.set_position(progress.epoch, progress.batches_in_epoch)
+            for batch in data.loader:
+                progress.batches_in_epoch += 1
+                data.skipped.add(batch.pop("skipped"))
+                if not batch:
+                    continue
+                # Pinned batches copy while the GPU still runs the last step; nothing in the step waits on the GPU.
+                batch = send_to_device(batch, accelerator.device, non_blocking=True)
+                # Accumulation by hand: checkpoints fall on optimizer steps, so a resumed run restarts
+                # the count at zero exactly where the interrupted one did.
+                micro += 1
+                sync = micro % stage.grad_accum == 0
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    loss = model(**batch)["loss"]
+                    accelerator.backward(loss / stage.grad_accum)
+                samples = len(batch["input_ids"]) * accelerator.num_processes
+                progress.samples += samples
+                window_samples += samples
+                window_tokens += batch["input_ids"].numel() * accelerator.num_processes
+                if not sync:
+                    continue
+                accelerator.clip_grad_norm_(trainable, config.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                progress.step += 1
+                progress.seconds = time.time() - started
+                bar.update(1)
+                if progress.step % config.train.log_every == 0 or progress.step == total_steps:
+                    rate = window_samples / max(time.time() - window_start, 1e-9)
+                    row = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": scheduler.get_last_lr()[0],
+                           "samples_per_s": rate, "tokens_per_sample": window_tokens / max(window_samples, 1)}
+                    metrics.log(name, progress.step, row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", samples_s=f"{rate:.1f}")
+                    window_samples, window_tokens, window_start = 0, 0, time.time()
+                if progress.step % config.train.eval_every == 0:
+                    metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
+                if progress.step % config.train.save_every == 0 and progress.step < total_steps:
+                    _save(accelerator, model, optimizer, scheduler, progress, config)
+                if progress.step >= total_steps:
+                    break
+            else:
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
     metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
     progress.done = True
     _save(accelerator, model, optimizer, scheduler, progress, config)
@@ -379,5 +382,5 @@ class MetricsLog:
     def log(self, stage: str, step: int, values: dict) -> None:
         self.accelerator.log({f"{stage}/{k}": v for k, v in values.items()}, step=step)
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
+            with run_folder_writes(self.path.parent), self.path.open("a") as f:
                 f.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **values}) + "\n")

@@ -12,14 +12,14 @@ import sys
 from vlm.config import ConfigError
 from vlm.evaluate import compare, run_eval
 from vlm.export import export_llava
-from vlm.files import EXAMPLES_DIR
+from vlm.files import EXAMPLES_DIR, WriteError
 from vlm.images import ImageError, load_image
 from vlm.model import check_generation_settings, load_model
 from vlm.processor import PromptError
 from vlm.train.trainer import run_training
 from vlm.vqa_benchmarks import BENCHMARKS
 
-USER_ERRORS = (ConfigError, ImageError, PromptError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ImageError, PromptError, FileNotFoundError, WriteError)
 
 
 def main(argv: list[str] | None = None) -> int:
