@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -153,31 +154,64 @@ def _train_command(config: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vlm.cli", "train", "--config", config, *extra]
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model_config, llava_data):
+def _stages_logged(run: Path, after: int) -> list[tuple[str, int]]:
+    """(stage, step) of the whole metrics lines past the first `after`; a killed writer may leave half a line."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [(row["stage"], row["step"]) for row in map(json.loads, lines[after:])]
+
+
+def test_a_run_killed_at_random_points_resumes_to_the_same_weights(tmp_path, tiny_model_config, llava_data):
+    # Fault injection: SIGKILL while the process starts, then at a seeded random step of align and of
+    # instruct (plus a random fraction of a step, so kills also land inside checkpoint writes), each
+    # time followed by --resume; the first resume finds no checkpoint and starts over.
     env = {**os.environ, "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}
-    args = ["train.instruct.epochs=12", "train.align.epochs=1", "train.save_every=3", "train.eval_every=1000"]
-    straight = write_config(tmp_path / "a", tiny_model_config, llava_data) if (tmp_path / "a").mkdir() is None else None
-    subprocess.run(_train_command(straight, *args), check=True, env=env, capture_output=True)
+    args = ["train.align.epochs=3", "train.instruct.epochs=3", "train.save_every=2", "train.eval_every=1000"]
+    configs = {}
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+        configs[name] = write_config(tmp_path / name, tiny_model_config, llava_data)
+    subprocess.run(_train_command(configs["straight"], *args), check=True, env=env, capture_output=True)
 
-    interrupted = (
-        write_config(tmp_path / "b", tiny_model_config, llava_data) if (tmp_path / "b").mkdir() is None else None
-    )
-    process = subprocess.Popen(
-        _train_command(interrupted, *args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    checkpoints = tmp_path / "b" / "run" / "checkpoints"
-    deadline = time.time() + 300
-    while not list(checkpoints.glob("instruct-step-*")) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "b" / "run" / "final").exists()
-    subprocess.run(_train_command(interrupted, "--resume", *args), check=True, env=env, capture_output=True)
+    run, rng = tmp_path / "killed" / "run", random.Random(0)
+    for stage in (None, "align", "instruct"):
+        logged = len(_stages_logged(run, 0))
+        process = subprocess.Popen(_train_command(configs["killed"], "--resume", *args), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if stage is None:
+            time.sleep(rng.uniform(0, 2))
+        else:
+            step, deadline = rng.randint(1, 15), time.time() + 300
+            while not any(s == stage and n >= step for s, n in _stages_logged(run, logged)):
+                assert process.poll() is None and time.time() < deadline, "the run ended before its kill"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.2))
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+        assert not (run / "final").exists()
+    subprocess.run(_train_command(configs["killed"], "--resume", *args), check=True, env=env, capture_output=True)
 
-    a = load_file(tmp_path / "a" / "run" / "final" / "projector.safetensors")
-    b = load_file(tmp_path / "b" / "run" / "final" / "projector.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    straight = load_file(tmp_path / "straight" / "run" / "final" / "projector.safetensors")
+    killed = load_file(run / "final" / "projector.safetensors")
+    assert straight.keys() == killed.keys() and all(torch.equal(straight[k], killed[k]) for k in straight)
+    assert not list((run / "checkpoints").glob(".*"))  # the half checkpoints of killed writers are gone
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from_and_the_next_save_clears_it(tmp_path):
+    from vlm.train.checkpoint import Progress, list_checkpoints, save_checkpoint
+
+    class Model:
+        def save_pretrained(self, directory):
+            Path(directory).mkdir()
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    killed = tmp_path / "checkpoints" / ".align-step-0000004-x1y2z3"  # killed after its last file, before the rename
+    killed.mkdir(parents=True)
+    (killed / "progress.json").write_text(json.dumps({"stage": "align", "step": 4}))
+    assert list_checkpoints(tmp_path) == []
+    saved = save_checkpoint(tmp_path, Model(), optimizer, scheduler, Progress("align", step=2), keep_last=2)
+    assert list_checkpoints(tmp_path) == [saved] and not killed.exists()
 
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_config, llava_data):

@@ -76,7 +76,9 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, progress: Pro
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, staging / "rng.safetensors")
         (staging / "progress.json").write_text(json.dumps(asdict(progress), indent=2))
-    for old in list_checkpoints(output_dir)[:-keep_last]:
+    # Only the main process writes checkpoints, and this one is in place: any staging folder left is a
+    # killed writer's half checkpoint.
+    for old in list_checkpoints(output_dir)[:-keep_last] + list(root.glob(".*-step-*")):
         shutil.rmtree(old)
     return target
 
@@ -84,10 +86,10 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, progress: Pro
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first: names sort by stage (align < instruct), then step.
 
-    Staging folders start with '.' and are never listed.
+    Staging folders start with '.' and are never listed (pathlib's `*` matches a leading '.').
     """
     root = checkpoints_dir(output_dir)
-    return sorted(p for p in root.glob("*-step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
+    return sorted(p for p in root.glob("[!.]*-step-*") if (p / "progress.json").is_file()) if root.is_dir() else []
 
 
 def read_progress(checkpoint: Path) -> Progress:
