@@ -55,3 +55,19 @@ def test_generation_settings_out_of_range_are_one_line_naming_the_flag_and_range
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1  # refused before the model loads, which would announce itself
     assert err.startswith(f"vlm {command}: {flag} ") and valid in err and value in err
+
+
+def test_a_disk_that_refuses_a_write_is_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import vlm.files
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(vlm.files.tempfile, "mkdtemp", disk_full)  # atomic_dir's staging folder
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "llava")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"vlm export: cannot write {tmp_path / 'llava'}: No space left on device"

@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from vlm.config import ConfigError, DataSource
@@ -234,7 +236,10 @@ def test_records_round_trip_and_count_what_they_could_not_use(tmp_path):
     bad = [5, {"id": 1}, {"conversations": [{"from": "human", "value": None}]},
            {"image": 5, "conversations": good["conversations"]},
            {"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"},
-                                                 {"from": "gpt", "value": "x"}]}]
+                                                 {"from": "gpt", "value": "x"}]},
+           {"image": "a.png", "conversations": [{"from": ["human"], "value": "q"}, turns[1]]},
+           {"image": "a.png", "conversations": [turns[1], turns[0]]},
+           {"conversations": [{"from": "human", "value": "<ima<image>ge>"}, turns[1]]}]
     (tmp_path / "d.json").write_text(json.dumps([good] + bad))
     records = load_examples(DataSource(kind="llava", path=str(tmp_path / "d.json"), image_root=str(tmp_path)),
                             "instruct")
@@ -269,3 +274,81 @@ def test_length_grouped_batches_cover_each_index_once_and_shard_and_resume():
     resumed = LengthGroupedBatchSampler(data, 4, seed=1)
     resumed.set_position(0, skip_batches=5)
     assert list(resumed) == full[5:]
+
+
+# ---- any JSON a LLaVA file can hold ---------------------------------------------------------------
+
+# Markers, one that is left when the marker inside it is removed, control tokens, a lone surrogate
+# (a truncated emoji escape), NUL, the processor's own stand-in characters.
+_PIECES = ["<image>", "<ima<image>ge>", "\n", " ", "", "<|im_end|>", "\ud83d", "\x00", "\ue0000\ue001", "what?", "yes"]
+_text = st.text(max_size=8) | st.lists(st.sampled_from(_PIECES), max_size=4).map("".join)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _mostly(usual, unusual):
+    """`usual` seven times in eight: records of random JSON alone would seldom get past the first check."""
+    return st.sampled_from([usual] * 7 + [unusual]).flatmap(lambda strategy: strategy)
+
+
+_value = _mostly(_text, _json)
+_role = st.sampled_from(["human", "gpt", "user", "assistant", "system", "bot", ""]) | _json
+_exchange = st.tuples(*(st.fixed_dictionaries({"from": st.just(r), "value": _value}) for r in ("human", "gpt")))
+_any_turn = st.fixed_dictionaries({}, optional={"from": _role, "value": _value}) | _json
+_conversation = _mostly(st.lists(_exchange, min_size=1, max_size=3).map(lambda pairs: [t for p in pairs for t in p]),
+                        st.lists(_any_turn, max_size=5) | _json)
+_image = _mostly(st.sampled_from([None, "a.png", "missing.png"]),
+                 st.sampled_from(["", ".", "/", "a.png\x00", "\ud800.png", "../a.png"]) | _json)
+_fields = {"image": _image, "conversations": _conversation}
+_record = _mostly(st.fixed_dictionaries(_fields, optional={"id": _json}),
+                  st.fixed_dictionaries({}, optional=_fields) | _json)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_config):
+    from vlm.model import VisionLanguageModel
+
+    return VisionLanguageModel.from_config(tiny_model_config).processor
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("any_json")
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    return root
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=_mostly(st.lists(_record, max_size=6), _json))
+def test_any_llava_json_becomes_examples_or_counted_skips(processor, image_root, data):
+    from vlm.data.batches import REASONS
+    from vlm.processor import IGNORE_INDEX
+
+    path = image_root / "data.json"
+    path.write_text(json.dumps(data))
+    source = DataSource(kind="llava", path=str(path), image_root=str(image_root))
+    if not isinstance(data, list):
+        with pytest.raises(ConfigError, match="a list of records"):
+            load_examples(source, "instruct")
+        return
+    records = load_examples(source, "instruct")
+    assert len(records) + sum(records.skipped.values()) == len(data)
+    assert all(reason and count > 0 for reason, count in records.skipped.items())
+    max_length = 48  # below some records' image tokens' end, so that reason is met too
+    encoded = TokenizedExamples(records, range(len(records)), processor, max_length=max_length)
+    assert len(encoded) == len(records)
+    image_tokens = processor.num_image_tokens
+    for i, reason in enumerate(encoded.reasons):
+        example, tokens = records[i], encoded.encoded(i)
+        assert 0 <= reason < len(REASONS)
+        if reason:
+            assert tokens.input_ids == []
+            continue
+        assert 0 < len(tokens.input_ids) <= max_length
+        assert any(label != IGNORE_INDEX for label in tokens.labels)
+        # One image's tokens for a record with an image, none for a text-only one: never a stray slot.
+        assert tokens.input_ids.count(processor.image_token_id) == (image_tokens if example.load else 0)

@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from vlm.cli import main
 from vlm.config import ConfigError
 from vlm.model import VisionLanguageModel
 from vlm.train.trainer import run_training
@@ -151,31 +154,64 @@ def _train_command(config: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vlm.cli", "train", "--config", config, *extra]
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_model_config, llava_data):
+def _stages_logged(run: Path, after: int) -> list[tuple[str, int]]:
+    """(stage, step) of the whole metrics lines past the first `after`; a killed writer may leave half a line."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [(row["stage"], row["step"]) for row in map(json.loads, lines[after:])]
+
+
+def test_a_run_killed_at_random_points_resumes_to_the_same_weights(tmp_path, tiny_model_config, llava_data):
+    # Fault injection: SIGKILL while the process starts, then at a seeded random step of align and of
+    # instruct (plus a random fraction of a step, so kills also land inside checkpoint writes), each
+    # time followed by --resume; the first resume finds no checkpoint and starts over.
     env = {**os.environ, "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}
-    args = ["train.instruct.epochs=12", "train.align.epochs=1", "train.save_every=3", "train.eval_every=1000"]
-    straight = write_config(tmp_path / "a", tiny_model_config, llava_data) if (tmp_path / "a").mkdir() is None else None
-    subprocess.run(_train_command(straight, *args), check=True, env=env, capture_output=True)
+    args = ["train.align.epochs=3", "train.instruct.epochs=3", "train.save_every=2", "train.eval_every=1000"]
+    configs = {}
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+        configs[name] = write_config(tmp_path / name, tiny_model_config, llava_data)
+    subprocess.run(_train_command(configs["straight"], *args), check=True, env=env, capture_output=True)
 
-    interrupted = (
-        write_config(tmp_path / "b", tiny_model_config, llava_data) if (tmp_path / "b").mkdir() is None else None
-    )
-    process = subprocess.Popen(
-        _train_command(interrupted, *args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    checkpoints = tmp_path / "b" / "run" / "checkpoints"
-    deadline = time.time() + 300
-    while not list(checkpoints.glob("instruct-step-*")) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "b" / "run" / "final").exists()
-    subprocess.run(_train_command(interrupted, "--resume", *args), check=True, env=env, capture_output=True)
+    run, rng = tmp_path / "killed" / "run", random.Random(0)
+    for stage in (None, "align", "instruct"):
+        logged = len(_stages_logged(run, 0))
+        process = subprocess.Popen(_train_command(configs["killed"], "--resume", *args), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if stage is None:
+            time.sleep(rng.uniform(0, 2))
+        else:
+            step, deadline = rng.randint(1, 15), time.time() + 300
+            while not any(s == stage and n >= step for s, n in _stages_logged(run, logged)):
+                assert process.poll() is None and time.time() < deadline, "the run ended before its kill"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.2))
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+        assert not (run / "final").exists()
+    subprocess.run(_train_command(configs["killed"], "--resume", *args), check=True, env=env, capture_output=True)
 
-    a = load_file(tmp_path / "a" / "run" / "final" / "projector.safetensors")
-    b = load_file(tmp_path / "b" / "run" / "final" / "projector.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    straight = load_file(tmp_path / "straight" / "run" / "final" / "projector.safetensors")
+    killed = load_file(run / "final" / "projector.safetensors")
+    assert straight.keys() == killed.keys() and all(torch.equal(straight[k], killed[k]) for k in straight)
+    assert not list((run / "checkpoints").glob(".*"))  # the half checkpoints of killed writers are gone
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from_and_the_next_save_clears_it(tmp_path):
+    from vlm.train.checkpoint import Progress, list_checkpoints, save_checkpoint
+
+    class Model:
+        def save_pretrained(self, directory):
+            Path(directory).mkdir()
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    killed = tmp_path / "checkpoints" / ".align-step-0000004-x1y2z3"  # killed after its last file, before the rename
+    killed.mkdir(parents=True)
+    (killed / "progress.json").write_text(json.dumps({"stage": "align", "step": 4}))
+    assert list_checkpoints(tmp_path) == []
+    saved = save_checkpoint(tmp_path, Model(), optimizer, scheduler, Progress("align", step=2), keep_last=2)
+    assert list_checkpoints(tmp_path) == [saved] and not killed.exists()
 
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_config, llava_data):
@@ -213,3 +249,139 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_model_config, l
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["processes"] == 2
     VisionLanguageModel.from_pretrained(tmp_path / "run" / "final")
+
+
+def test_instruct_after_align_in_the_same_folder_starts_from_aligns_weights(tmp_path, tiny_model_config, llava_data):
+    # Both stages on the same records, so stage 2's untrained baseline is align's last held-out loss
+    # exactly when it starts from align's final projector.
+    config = write_config(tmp_path, tiny_model_config, llava_data, align={"epochs": 2, "batch_size": 4, "lr": 3e-3})
+    same_data = [f"data.instruct.path={llava_data / 'captions.json'}", "train.instruct.epochs=1"]
+    assert run_training(config, same_data, stage="align") == 0
+    aligned = load_file(tmp_path / "run" / "final" / "projector.safetensors")
+    assert run_training(config, same_data, stage="instruct") == 0
+    val = {stage: [r for r in rows(tmp_path / "run") if r["stage"] == stage and "val_loss" in r]
+           for stage in ("align", "instruct")}
+    assert val["instruct"][0]["step"] == 0 and val["align"][-1]["step"] > 0
+    assert val["instruct"][0]["val_loss"] == pytest.approx(val["align"][-1]["val_loss"], rel=1e-6)
+    assert val["align"][0]["val_loss"] != pytest.approx(val["align"][-1]["val_loss"], rel=1e-3)  # align trained
+    trained = load_file(tmp_path / "run" / "final" / "projector.safetensors")
+    assert any(not torch.equal(aligned[k], trained[k]) for k in aligned)
+    for stage in ("instruct", "both"):  # stage 2 is done too now: a new run there needs --resume or a new folder
+        with pytest.raises(ConfigError, match="already holds a run's checkpoints"):
+            run_training(config, same_data, stage=stage)
+
+
+def test_resume_continues_the_stage_that_was_running_whatever_stage_says(tmp_path, tiny_model_config, llava_data,
+                                                                          monkeypatch):
+    import vlm.train.trainer as trainer
+
+    save_checkpoint = trainer.save_checkpoint
+    finals = {}
+    for killed_in, resumed_as in (("align", "instruct"), ("instruct", "align")):
+        folder = tmp_path / killed_in
+        folder.mkdir()
+        config = write_config(folder, tiny_model_config, llava_data)
+
+        def save_then_die(output_dir, model, optimizer, scheduler, progress, keep_last, killed_in=killed_in):
+            save_checkpoint(output_dir, model, optimizer, scheduler, progress, keep_last)
+            if progress.stage == killed_in:
+                raise KeyboardInterrupt  # the process stops right after its first checkpoint in that stage
+
+        monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(config, [])
+        monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+        before = rows(folder / "run")
+        assert run_training(config, [], stage=resumed_as, resume=True) == 0
+        after = rows(folder / "run")
+        last_step = {r["stage"]: r["step"] for r in after}
+        if killed_in == "align":  # align finished first, then the instruct stage that --stage asked for
+            assert last_step["align"] > before[-1]["step"] and "instruct" in last_step
+        else:  # instruct finished; --stage align did not start the run over
+            assert last_step["instruct"] > before[-1]["step"]
+            assert [r for r in after if r["stage"] == "align"] == [r for r in before if r["stage"] == "align"]
+        finals[killed_in] = load_file(folder / "run" / "final" / "projector.safetensors")
+    # Two interruptions, one in each stage: both runs end where one uninterrupted run would.
+    for key in finals["align"]:
+        torch.testing.assert_close(finals["align"][key], finals["instruct"][key], rtol=1e-5, atol=1e-6)
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_any_model_loads(
+    tmp_path, tiny_model_config, llava_data, monkeypatch, capsys
+):
+    config = write_config(tmp_path, tiny_model_config, llava_data)
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o500)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        # chmod stops no write by root, who runs these tests in CI: the folder refuses as a read-only mount would.
+        if run in (Path(path), Path(path).parent) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(VisionLanguageModel, "from_config", _no_model)
+    assert main(["train", "--config", config]) == 2
+    assert capsys.readouterr().err == (
+        f"vlm train: cannot write {run}: Permission denied; make it writable, "
+        "or set train.output_dir=<a folder you can write>\n"
+    )
+
+
+@pytest.mark.parametrize("how", ["OSError", "torch.save"])
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_no_staging_folder(
+    tmp_path, tiny_model_config, llava_data, monkeypatch, capsys, how
+):
+    import shutil
+
+    import vlm.files
+    import vlm.train.checkpoint
+
+    config = write_config(tmp_path, tiny_model_config, llava_data)
+    if how == "OSError":
+        def disk_full(tensors, path, *args, **kwargs):  # the RNG file, written after the model and optimizer
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        monkeypatch.setattr(vlm.train.checkpoint, "save_file", disk_full)
+    else:
+        # What torch.save raises when the disk fills under it, its OSError lost; the disk has nothing left.
+        def torch_save_on_a_full_disk(obj, path, *args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+        monkeypatch.setattr(vlm.train.checkpoint.torch, "save", torch_save_on_a_full_disk)
+        monkeypatch.setattr(vlm.files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    assert main(["train", "--config", config]) == 2
+    err = capsys.readouterr().err
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"vlm train: cannot write {checkpoints / 'align-step-0000004'}: No space left on device; "
+        "free space there and continue with --resume, or set train.output_dir=<a folder on another disk>"
+    )
+    assert list(checkpoints.iterdir()) == []  # the staging folder went, with the model and optimizer it held
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path, tiny_model_config, llava_data, capsys):
+    config = write_config(tmp_path, tiny_model_config, llava_data, stage="align")
+    assert run_training(config, ["train.align.epochs=1"]) == 0
+    marker = tmp_path / "hijacked"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    optimizer_file = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1] / "optimizer.pt"
+    torch.save({"state": Payload(), "param_groups": []}, optimizer_file)
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--resume", "train.align.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"vlm train: refused to load {optimizer_file}: it holds more than plain tensors, and loading it could run "
+        "code; delete that checkpoint folder to resume from an earlier one, or start over in a new train.output_dir"
+    )

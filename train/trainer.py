@@ -35,24 +35,31 @@ from vlm.data.check import stop_on_fatal_findings
 from vlm.data.feature_cache import FeatureCache, ensure_fits, feature_spec
 from vlm.data.sources import Records, check_source, load_examples
 from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
-from vlm.train.checkpoint import Progress, list_checkpoints, read_progress, restore_training_state, save_checkpoint
+from vlm.train.checkpoint import (
+    Progress,
+    check_run_folder,
+    list_checkpoints,
+    read_progress,
+    restore_rng,
+    restore_training_state,
+    run_folder_writes,
+    save_checkpoint,
+)
 from vlm.train.report import plot_losses, write_report
 
-STAGES = {"align": ["align"], "instruct": ["instruct"], "both": ["align", "instruct"]}
+STAGE_ORDER = ["align", "instruct"]
+STAGES = {"align": ["align"], "instruct": ["instruct"], "both": STAGE_ORDER}
 
 
 def run_training(preset: str, overrides: list[str], stage: str | None = None, resume: bool = False) -> int:
     config = load_config(preset, list(overrides) + ([f"train.stage={stage}"] if stage else []))
-    stages = check_config(config)
     output_dir = Path(config.train.output_dir)
-    checkpoints = list_checkpoints(output_dir)
-    if checkpoints and not resume:
-        raise ConfigError(
-            f"{output_dir} already holds a run's checkpoints; pass --resume to continue it, "
-            "or set train.output_dir=<new folder> to start another"
-        )
+    stages, resume_from, start_from = plan_stages(STAGES[config.train.stage], list_checkpoints(output_dir), resume,
+                                                  output_dir)
+    check_config(config, stages)
     # Every record is read, and a stage with nothing to train on stops, before any model loads.
     records = {name: load_stage_records(config, name) for name in stages}
+    check_run_folder(output_dir)
     stop_on_fatal_findings(config, records)  # a sample of each stage, encoded as training will encode it
 
     accelerator = Accelerator(
@@ -72,26 +79,48 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
     cache = open_feature_cache(config, model, records, accelerator)
     run = Run(config, accelerator, model, cache, MetricsLog(output_dir / "metrics.jsonl", accelerator))
 
-    resume_from = checkpoints[-1] if checkpoints else None
+    if start_from is not None:
+        # The RNG too, so the next stage starts exactly as it would have in one uninterrupted run (LoRA's init draws).
+        model.load_trained_weights(start_from / "model")
+        restore_rng(start_from)
     summaries = {}
     for name in stages:
-        progress = read_progress(resume_from) if resume_from else None
-        if progress and stages.index(progress.stage) > stages.index(name):
-            continue  # finished before the restart; its weights come with the later checkpoint
-        if progress and progress.stage != name:
-            resume_from, progress = None, None
         summaries[name] = train_stage(run, name, records[name], resume_from)
         resume_from = None
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        final.save_pretrained(output_dir / "final")
+        with run_folder_writes(output_dir):
+            accelerator.unwrap_model(model).save_pretrained(output_dir / "final")
         plot_losses(output_dir / "metrics.jsonl", output_dir / "loss.png")
         report = write_report(output_dir, summaries, config.train, accelerator)
         print(f"trained projector saved to {output_dir / 'final'}\n{report}")
     accelerator.end_training()
     return 0
+
+
+def plan_stages(requested: list[str], checkpoints: list[Path], resume: bool, output_dir: Path
+                ) -> tuple[list[str], Path | None, Path | None]:
+    """The stages this command trains, the checkpoint the first resumes, and the finished stage's
+    checkpoint whose weights the first starts from.
+
+    --resume continues the stage the last checkpoint was written in, whatever --stage says, then the
+    requested stages after it: under `--stage instruct --resume` a run killed in align finishes align
+    first, and `--stage align --resume` never sends a run killed in instruct back to align. A finished
+    stage hands its weights to the next, with or without --resume (`--stage instruct` after `--stage align`).
+    """
+    if not checkpoints:
+        return requested, None, None  # --resume too: a run killed before its first checkpoint starts over
+    last = read_progress(checkpoints[-1])
+    later = [name for name in requested if STAGE_ORDER.index(name) > STAGE_ORDER.index(last.stage)]
+    if last.done and later and (resume or later == requested):
+        return later, None, checkpoints[-1]
+    if resume:
+        return [last.stage, *later], checkpoints[-1], None
+    raise ConfigError(
+        f"{output_dir} already holds a run's checkpoints; pass --resume to continue it, "
+        "or set train.output_dir=<new folder> to start another"
+    )
 
 
 def load_stage_records(config: Config, name: str) -> Records:
@@ -127,9 +156,8 @@ def open_feature_cache(config: Config, model: VisionLanguageModel, records: dict
     return cache
 
 
-def check_config(config: Config) -> list[str]:
-    """Everything that can be wrong with a config, checked before any model loads."""
-    stages = STAGES[config.train.stage]
+def check_config(config: Config, stages: list[str]) -> None:
+    """Everything that can be wrong with a config for these stages, checked before any model loads."""
     for name in stages:
         stage: StageConfig = getattr(config.train, name)
         if name == "align" and stage.train_lm != "none":
@@ -142,7 +170,6 @@ def check_config(config: Config) -> list[str]:
         check_source(getattr(config.data, name), name)
     if not 0 <= config.data.val_fraction < 1:
         raise ConfigError("data.val_fraction must be in [0, 1)")
-    return stages
 
 
 @dataclass
@@ -188,58 +215,58 @@ def train_stage(run: Run, name: str, records: Records, resume_from: Path | None)
 
     if progress.step == 0:  # the untrained baseline, so the curve shows what training bought
         metrics.log(name, 0, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
-    bar = tqdm(
+    # Closed on the way out of an error too, so the error's one line starts a line of its own.
+    with tqdm(
         total=total_steps, initial=progress.step, desc=f"stage {name}", disable=not accelerator.is_local_main_process
-    )
-    model.train()
-    started, window_samples, window_tokens, window_start = time.time() - progress.seconds, 0, 0, time.time()
-    micro = 0
-    while progress.step < total_steps:
-        data.sampler.set_position(progress.epoch, progress.batches_in_epoch)
-        for batch in data.loader:
-            progress.batches_in_epoch += 1
-            data.skipped.add(batch.pop("skipped"))
-            if not batch:
-                continue
-            # Pinned batches copy while the GPU still runs the last step; nothing in the step waits on the GPU.
-            batch = send_to_device(batch, accelerator.device, non_blocking=True)
-            # Accumulation by hand: checkpoints fall on optimizer steps, so a resumed run restarts
-            # the count at zero exactly where the interrupted one did.
-            micro += 1
-            sync = micro % stage.grad_accum == 0
-            with nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(**batch)["loss"]
-                accelerator.backward(loss / stage.grad_accum)
-            samples = len(batch["input_ids"]) * accelerator.num_processes
-            progress.samples += samples
-            window_samples += samples
-            window_tokens += batch["input_ids"].numel() * accelerator.num_processes
-            if not sync:
-                continue
-            accelerator.clip_grad_norm_(trainable, config.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            progress.step += 1
-            progress.seconds = time.time() - started
-            bar.update(1)
-            if progress.step % config.train.log_every == 0 or progress.step == total_steps:
-                rate = window_samples / max(time.time() - window_start, 1e-9)
-                row = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": scheduler.get_last_lr()[0],
-                       "samples_per_s": rate, "tokens_per_sample": window_tokens / max(window_samples, 1)}
-                metrics.log(name, progress.step, row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", samples_s=f"{rate:.1f}")
-                window_samples, window_tokens, window_start = 0, 0, time.time()
-            if progress.step % config.train.eval_every == 0:
-                metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
-            if progress.step % config.train.save_every == 0 and progress.step < total_steps:
-                _save(accelerator, model, optimizer, scheduler, progress, config)
-            if progress.step >= total_steps:
-                break
-        else:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-    bar.close()
+    ) as bar:
+        model.train()
+        started, window_samples, window_tokens, window_start = time.time() - progress.seconds, 0, 0, time.time()
+        micro = 0
+        while progress.step < total_steps:
+            data.sampler.set_position(progress.epoch, progress.batches_in_epoch)
+            for batch in data.loader:
+                progress.batches_in_epoch += 1
+                data.skipped.add(batch.pop("skipped"))
+                if not batch:
+                    continue
+                # Pinned batches copy while the GPU still runs the last step; nothing in the step waits on the GPU.
+                batch = send_to_device(batch, accelerator.device, non_blocking=True)
+                # Accumulation by hand: checkpoints fall on optimizer steps, so a resumed run restarts
+                # the count at zero exactly where the interrupted one did.
+                micro += 1
+                sync = micro % stage.grad_accum == 0
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    loss = model(**batch)["loss"]
+                    accelerator.backward(loss / stage.grad_accum)
+                samples = len(batch["input_ids"]) * accelerator.num_processes
+                progress.samples += samples
+                window_samples += samples
+                window_tokens += batch["input_ids"].numel() * accelerator.num_processes
+                if not sync:
+                    continue
+                accelerator.clip_grad_norm_(trainable, config.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                progress.step += 1
+                progress.seconds = time.time() - started
+                bar.update(1)
+                if progress.step % config.train.log_every == 0 or progress.step == total_steps:
+                    rate = window_samples / max(time.time() - window_start, 1e-9)
+                    row = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": scheduler.get_last_lr()[0],
+                           "samples_per_s": rate, "tokens_per_sample": window_tokens / max(window_samples, 1)}
+                    metrics.log(name, progress.step, row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", samples_s=f"{rate:.1f}")
+                    window_samples, window_tokens, window_start = 0, 0, time.time()
+                if progress.step % config.train.eval_every == 0:
+                    metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
+                if progress.step % config.train.save_every == 0 and progress.step < total_steps:
+                    _save(accelerator, model, optimizer, scheduler, progress, config)
+                if progress.step >= total_steps:
+                    break
+            else:
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
     metrics.log(name, progress.step, {"val_loss": evaluate_loss(model, val_loader, accelerator)})
     progress.done = True
     _save(accelerator, model, optimizer, scheduler, progress, config)
@@ -341,5 +368,5 @@ class MetricsLog:
     def log(self, stage: str, step: int, values: dict) -> None:
         self.accelerator.log({f"{stage}/{k}": v for k, v in values.items()}, step=step)
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
+            with run_folder_writes(self.path.parent), self.path.open("a") as f:
                 f.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **values}) + "\n")

@@ -14,14 +14,14 @@ from vlm.config import ConfigError, load_config
 from vlm.data.check import CHECK_SAMPLE, data_check
 from vlm.evaluate import compare, run_eval
 from vlm.export import export_llava
-from vlm.files import EXAMPLES_DIR
+from vlm.files import EXAMPLES_DIR, WriteError
 from vlm.images import ImageError, load_image
 from vlm.model import check_generation_settings, load_model
 from vlm.processor import PromptError
-from vlm.train.trainer import check_config, load_stage_records, run_training
+from vlm.train.trainer import STAGES, check_config, load_stage_records, run_training
 from vlm.vqa_benchmarks import BENCHMARKS
 
-USER_ERRORS = (ConfigError, ImageError, PromptError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ImageError, PromptError, FileNotFoundError, WriteError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +132,9 @@ def _run(args) -> int:
 
 def _data_check(args) -> int:
     config = load_config(args.config, list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else []))
-    records = {name: load_stage_records(config, name) for name in check_config(config)}
+    stages = STAGES[config.train.stage]
+    check_config(config, stages)
+    records = {name: load_stage_records(config, name) for name in stages}
     return data_check(config, records, examples=args.examples, sample=args.sample, all_images=args.all_images)
 
 

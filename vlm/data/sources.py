@@ -212,8 +212,12 @@ def _parse_llava_record(record) -> tuple[str | None, list[dict]] | str:
     if not isinstance(record, dict):
         return "record is not a JSON object"
     image = record.get("image")
-    if image is not None and (not isinstance(image, str) or not image):
+    if image is not None and (not isinstance(image, str) or not image or "\0" in image):
         return "image is not a file name"
+    try:
+        (image or "").encode()  # a lone surrogate parses as JSON, but no file system takes it
+    except UnicodeEncodeError:
+        return "text that is not valid Unicode"
     messages = conversation_messages(record.get("conversations"), has_image=image is not None)
     return messages if isinstance(messages, str) else (image, messages)
 
@@ -226,11 +230,28 @@ def conversation_messages(turns, has_image: bool) -> list[dict] | str:
         return "no conversations"
     if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         return "a turn without a text value"
-    messages = [{"role": ROLES.get(turn.get("from"), "user"), "content": turn["value"]} for turn in turns]
-    if not any(m["role"] == "assistant" for m in messages):
+    # `from` can be any JSON, lists and objects included; a speaker we do not know has no place in the template.
+    if not all(isinstance(t.get("from"), str) and t["from"] in ROLES for t in turns):
+        return "a turn from neither human nor gpt"
+    try:
+        # A lone surrogate (a truncated emoji escape) parses as JSON, but no tokenizer takes it.
+        "".join(t["value"] for t in turns).encode()
+    except UnicodeEncodeError:
+        return "text that is not valid Unicode"
+    messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in turns]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not answers:
         return "no answer turn"
+    if next(m["role"] for m in messages if m["role"] != "system") != "user":
+        return "an answer before the first question"  # the image goes in the first question; answers follow one
+    if not all(a.strip() for a in answers):
+        return "an empty answer"  # it would teach the model to stop before saying anything
     if not has_image:
-        return [_strip_image_token(m) for m in messages]
+        messages = [_strip_image_token(m) for m in messages]
+        # "<ima<image>ge>" still reads "<image>" once stripped: an image slot with no image to fill it.
+        if any(IMAGE_TOKEN in m["content"] for m in messages):
+            return "an <image> placeholder in a record without an image"
+        return messages
     if sum(m["content"].count(IMAGE_TOKEN) for m in messages) > 1:
         return SEVERAL_IMAGES
     return with_image_placeholder(messages)
