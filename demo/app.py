@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sys
 import threading
 from pathlib import Path
@@ -32,11 +34,17 @@ EXAMPLES = [
     ("drawn_blue_rectangle.png", "What is the blue shape?"),
 ]
 NO_IMAGE = "Upload an image (or pick an example below), then ask a question about it."
+# The longest side of the image a conversation keeps. The towers read 128-336 px; a phone photo kept at
+# full size (12-64 MP, 36-192 MB decoded) would stay in memory as long as gradio keeps the session,
+# an hour after the browser closes, and for API clients until 10,000 later sessions push it out.
+SESSION_IMAGE_SIDE = 1024
+M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
 def launch(checkpoint: str | None = None, config: str | None = None, *, host: str = "127.0.0.1", port: int = 7860,
            share: bool = False) -> int:
     """Serve the chat app for a checkpoint (default: the trained offline run), or for an untrained preset."""
+    limit_malloc_arenas()
     announced: list[str] = []
 
     def announce(message: str) -> None:
@@ -51,6 +59,20 @@ def launch(checkpoint: str | None = None, config: str | None = None, *, host: st
         # gradio's message names its own launch() arguments; the user needs the CLI flag.
         raise ConfigError(f"cannot serve on {host}:{port} ({str(e).split('. ')[0]}); pass a free --port") from None
     return 0
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Let every thread allocate from the same few glibc arenas; call it before the model loads.
+
+    glibc gives each thread that allocates an arena of its own (up to 8 per core) and keeps what a
+    thread frees in that arena for its next use. The demo answers on gradio's pool of threads, so
+    each arena comes to hold a question's peak (a decoded upload, the model's activations): the
+    offline default's demo grew 0.3 GiB in its first 20 questions and never gave it back
+    (benchmarks/demo_memory.py). Arenas, once made, stay: hence before the model loads.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_ARENA_MAX, arenas)
 
 
 def build_app(model: VisionLanguageModel, checkpoint_label: str) -> gr.Blocks:
@@ -77,6 +99,7 @@ def build_app(model: VisionLanguageModel, checkpoint_label: str) -> gr.Blocks:
                     None,
                 )
                 return
+            image.thumbnail((SESSION_IMAGE_SIDE, SESSION_IMAGE_SIDE))  # only ever shrinks
             session = {"image": image, "upload": str(upload), "messages": []}
         if session is None:
             yield [_says("assistant", NO_IMAGE)], None, None
