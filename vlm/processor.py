@@ -11,6 +11,7 @@ never becomes a control token: only the template's own markup does.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 # Stands in for message i's content while the template renders: private-use characters no template writes.
 CONTENT = re.compile("\ue000(\\d+)\ue001")
+# Whether typed control tokens stay text is one switch on the shared Rust tokenizer, set by every call
+# (off for the template's text, on for message text), and encoding releases the GIL: the demo's users,
+# encoding at once in their own threads, could each tokenise with the other's switch, turning the
+# template's control tokens into text or a typed <|im_end|> into a control token.
+_TOKENIZING = threading.Lock()
 
 
 class PromptError(ValueError):
@@ -69,7 +75,7 @@ class VLMProcessor:
         for text, is_answer in segments:
             ids = []
             for k, piece in enumerate(CONTENT.split(text)):  # template text, content index, template text, ...
-                ids += contents[int(piece)] if k % 2 else self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += contents[int(piece)] if k % 2 else self._tokenize(piece, split_special_tokens=False)
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
         if max_length is not None and len(input_ids) > max_length:
@@ -122,8 +128,13 @@ class VLMProcessor:
             if part is None:
                 ids += [self.image_token_id] * self.num_image_tokens
             elif part:
-                ids += self.tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                ids += self._tokenize(part, split_special_tokens=True)
         return ids
+
+    def _tokenize(self, text: str, split_special_tokens: bool) -> list[int]:
+        with _TOKENIZING:
+            encoded = self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)
+        return encoded["input_ids"]
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
