@@ -66,9 +66,9 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
     glibc gives each thread that allocates an arena of its own (up to 8 per core) and keeps what a
     thread frees in that arena for its next use. The demo answers on gradio's pool of threads, so
-    each arena comes to hold a question's peak (a decoded upload, the model's activations): the
-    offline default's demo grew 0.3 GiB in its first 20 questions and never gave it back
-    (benchmarks/demo_memory.py). Arenas, once made, stay: hence before the model loads.
+    each arena comes to hold a question's peak (a decoded upload, the model's activations): over 40
+    questions the offline default's demo grew 0.35 GiB and never gave it back, 0.03 GiB with two
+    arenas (benchmarks/demo_memory.py). Arenas, once made, stay: hence before the model loads.
     """
     libc = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
     if libc is not None and hasattr(libc, "mallopt"):

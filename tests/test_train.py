@@ -291,6 +291,8 @@ def test_resume_continues_the_stage_that_was_running_whatever_stage_says(tmp_pat
         with pytest.raises(KeyboardInterrupt):
             run_training(config, [])
         monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+        with pytest.raises(ConfigError, match="already holds a run's checkpoints; pass --resume"):
+            run_training(config, [], stage=resumed_as)  # an unfinished run is continued only when asked
         before = rows(folder / "run")
         assert run_training(config, [], stage=resumed_as, resume=True) == 0
         after = rows(folder / "run")
