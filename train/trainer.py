@@ -74,8 +74,10 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
         (output_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     accelerator.init_trackers("tensorboard")
     model = VisionLanguageModel.from_config(config.model).to(accelerator.device)
-    if accelerator.mixed_precision == "bf16":
-        model.vision.to(torch.bfloat16)  # frozen: bf16 weights halve its memory traffic and feed the cache
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
+        # Frozen, so bf16 weights halve its memory traffic on the GPU and the cache stores bf16. On a CPU
+        # without bf16 matrix units a bf16 tower is slower than fp32, so it stays fp32 there.
+        model.vision.to(torch.bfloat16)
     cache = open_feature_cache(config, model, records, accelerator)
     run = Run(config, accelerator, model, cache, MetricsLog(output_dir / "metrics.jsonl", accelerator))
 
