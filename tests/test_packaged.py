@@ -42,3 +42,19 @@ def test_chat_command_streams_an_answer(capsys):
     assert main(["chat", "--question", "Say hello in one word.", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert out.strip()
+
+
+def test_the_packaged_tokenizer_takes_its_special_tokens_from_the_gguf_file():
+    # transformers 5.17 reads SmolLM2's GGUF with EOS = BOS = <|im_start|>: a run trained on it never learns to stop.
+    from transformers import AutoTokenizer
+
+    from vlm.language_model import PACKAGED, _restore_gguf_special_tokens
+    from vlm.packaged import package_dir
+
+    module, filename = PACKAGED["packaged:smollm2-135m-instruct"]
+    folder = package_dir(module, module)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    tokenizer.eos_token = tokenizer.bos_token = "<|im_start|>"
+    tokenizer.pad_token = None
+    _restore_gguf_special_tokens(tokenizer, folder / filename)
+    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_start|>", "<|im_end|>")

@@ -59,16 +59,39 @@ def stop_token_ids(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> set[
 
 
 def _tokenizer(name: str, source: str, kwargs: dict) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = _from_pretrained_tokenizer(source, kwargs)
     except OSError as e:
         raise ConfigError(f"model.lm.name={name!r} could not be loaded: {e}") from None
     if not tokenizer.chat_template:
         raise ConfigError(f"{name} has no chat template; pick an instruction-tuned (-Instruct) model")
     prepare_tokenizer(tokenizer)
     return tokenizer
+
+
+def _from_pretrained_tokenizer(source: str, kwargs: dict) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if "gguf_file" in kwargs:
+        _restore_gguf_special_tokens(tokenizer, Path(source) / kwargs["gguf_file"])
+    return tokenizer
+
+
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "pad_token": "padding_token_id",
+                       "unk_token": "unknown_token_id"}
+
+
+def _restore_gguf_special_tokens(tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """Set the special tokens the GGUF file names. Some transformers releases (5.17) read SmolLM2's GGUF
+    with EOS = BOS = <|im_start|> and no pad token, and a model that never learns to stop follows."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    for attribute, key in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(int(field.parts[-1][0])))
 
 
 def _tokenizer_source(name: str) -> tuple[str, dict]:
@@ -109,10 +132,10 @@ def packaged_model_dir(name: str) -> Path:
         return target
     module, filename = PACKAGED[name]
     gguf_dir = package_dir(module, module.replace("_", "-"))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    tokenizer = _from_pretrained_tokenizer(str(gguf_dir), {"gguf_file": filename})
     # The weights are already dequantised; dropping the GGUF quantizer lets them save as plain safetensors.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
