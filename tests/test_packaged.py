@@ -57,4 +57,5 @@ def test_the_packaged_tokenizer_takes_its_special_tokens_from_the_gguf_file():
     tokenizer.eos_token = tokenizer.bos_token = "<|im_start|>"
     tokenizer.pad_token = None
     _restore_gguf_special_tokens(tokenizer, folder / filename)
-    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
+    special = (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)
+    assert special == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
