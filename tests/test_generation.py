@@ -55,11 +55,13 @@ def test_sampling_runs_on_the_static_cache(model, images):
 
 
 def test_chat_and_stream_chat_take_the_static_path(model, images):
-    question = [{"role": "user", "content": "what shape?"}]
-    eager = model.chat([images[0]], [question], max_new_tokens=8, decoding="dynamic")
-    assert model.chat([images[0]], [question], max_new_tokens=8, decoding="static") == eager
-    streamed = "".join(model.stream_chat(images[0], question, max_new_tokens=8, decoding="static"))
+    questions = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    eager = model.chat(images[:3], questions, max_new_tokens=8, decoding="dynamic")
+    assert model.chat(images[:3], questions, max_new_tokens=8, decoding="static") == eager
+    # A streamer takes one row, so the stream gets a cache of its own rather than the batch's padded one.
+    streamed = "".join(model.stream_chat(images[0], questions[0], max_new_tokens=8, decoding="static"))
     assert streamed.strip() == eager[0]
+    assert sorted(key[0] for key in model._caches) == [1, 4]
 
 
 def test_the_cpu_default_is_the_dynamic_cache_and_bad_settings_are_named(model, images):

@@ -273,7 +273,9 @@ class VisionLanguageModel(nn.Module):
         from transformers import CompileConfig
 
         rows = embeds.shape[0]
-        cache, cache_rows = self._static_cache(rows, attention_mask.shape[1] + generate_kwargs["max_new_tokens"])
+        # transformers' streamers take one row, so a streamed answer gets a cache without padding rows.
+        cache, cache_rows = self._static_cache(rows, attention_mask.shape[1] + generate_kwargs["max_new_tokens"],
+                                               pad_rows=generate_kwargs.get("streamer") is None)
         # The cache's extra rows repeat the first row: they stop when it does, so they never hold the batch back.
         fill = torch.zeros(cache_rows - rows, dtype=torch.long, device=embeds.device)
         embeds, attention_mask = torch.cat((embeds, embeds[fill])), torch.cat((attention_mask, attention_mask[fill]))
@@ -289,18 +291,19 @@ class VisionLanguageModel(nn.Module):
                                       **{_cache_argument(): cache}, **options, **generate_kwargs)
         return tokens[:rows]
 
-    def _static_cache(self, rows: int, length: int):
+    def _static_cache(self, rows: int, length: int, pad_rows: bool):
         """The smallest cache held that fits `rows` x `length` (reset), else a new one of bucketed size;
-        with how many rows it has. A smaller batch (an eval's last) reuses a larger cache: padding rows
-        costs less than a new shape, which compiles and records another graph."""
+        with how many rows it has. A smaller batch (an eval's last) reuses a larger cache, unless not
+        `pad_rows`: padding rows costs less than a new shape, which compiles and records another graph."""
         from transformers import StaticCache
 
         where = (self.device, self.lm.dtype)
-        fits = [key for key in self._caches if key[2:] == where and key[0] >= rows and key[1] >= length]
+        fits = [key for key in self._caches
+                if key[2:] == where and (key[0] >= rows if pad_rows else key[0] == rows) and key[1] >= length]
         if fits:
             key = min(fits)
         else:
-            key = (_power_of_two(rows), min(_power_of_two(max(length, MIN_CACHE_LENGTH)),
+            key = (_power_of_two(rows) if pad_rows else rows, min(_power_of_two(max(length, MIN_CACHE_LENGTH)),
                                             max(length, self.lm.config.max_position_embeddings)), *where)
             self._caches[key] = StaticCache(config=self.lm.config, max_cache_len=key[1])
         cache = self._caches[key]
