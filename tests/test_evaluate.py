@@ -119,9 +119,12 @@ class ScriptedModel:
     def encode_batch(self, images, conversations):
         return {"conversations": len(conversations)}
 
-    def answer(self, batch, max_new_tokens):
+    def answer(self, batch, max_new_tokens, decoding):
         self.max_new_tokens.append(max_new_tokens)
         return [self.reply] * batch["conversations"]
+
+    def resolve_decoding(self, decoding):
+        return decoding or "dynamic"
 
     def check_prompt_fits(self, image, messages, max_new_tokens):
         pass
