@@ -82,3 +82,8 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens_on_a_gpu(model, images)
         eager = model.generate(**inputs, max_new_tokens=8, decoding="dynamic")
         torch.testing.assert_close(model.generate(**inputs, max_new_tokens=8, decoding="compiled"), eager,
                                    rtol=0, atol=0)
+    # The demo streams from a new thread per answer; decoding stays on the model's one thread and its graphs.
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    streamed = [text.strip() for text in ("".join(model.stream_chat(images[0], question, max_new_tokens=8)),
+                                          "".join(model.stream_chat(images[0], question, max_new_tokens=8)))]
+    assert streamed == model.chat([images[0]], [question], max_new_tokens=8, decoding="dynamic") * 2
