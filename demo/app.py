@@ -22,7 +22,7 @@ from vlm.processor import PromptError
 # a time, checked in tests/test_demo.py). On the offline default on 2 CPU cores, 2 at once nearly
 # double the total tokens/s and 4 keep 90% of that while each user's text still starts within a
 # second (benchmarks/demo_latency.py, numbers in the README). On a GPU they take turns on compiled
-# decoding's one thread (VisionLanguageModel.generate), a few milliseconds a token each.
+# decoding's one thread (VisionLanguageModel.generate).
 CONCURRENT_ANSWERS = 4
 EXAMPLES = [
     ("shape_0.png", "What shape is in the image?"),
