@@ -132,6 +132,11 @@ class VlmChat:
     def chat(self, images, conversations, **generate_kwargs) -> list[str]:
         return self.model.chat(images, conversations, decoding=self.decoding, **generate_kwargs)
 
+    def check_compiled(self) -> None:
+        """RuntimeError if compiled decoding fell back to eager (transformers decides per call)."""
+        if self.decoding == "compiled" and not hasattr(self.model.lm, "_compiled_call"):
+            raise RuntimeError("vlm's compiled decoding did not compile the decoding forward")
+
 
 def build_llava_chat(args, vlm, compiled: bool) -> LlavaChat:
     """LLaVA from the same configs as vlm, all in bf16 for inference (no autocast, whose per-op cost
@@ -178,8 +183,7 @@ def measure(model, system: str, images, conversations, args) -> tuple[list[dict]
     for batch in args.batches:
         n = max(batch, args.questions)
         rate = questions_per_second(model, images[:n], conversations[:n], batch, args.new_tokens, args.device)
-        if isinstance(model, LlavaChat):
-            model.check_compiled()
+        model.check_compiled()
         rows.append({"system": system, "batch": batch, "questions": n, "questions/s": rate,
                      "vs per-sample loop": rate / rows[0]["questions/s"] if rows else 1.0})
         print(json.dumps(rows[-1]), flush=True)
