@@ -21,6 +21,9 @@ VISION = {
                         patch_size=14, image_size=336),
     "vit-b16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                     patch_size=16, image_size=224),
+    # openai/clip-vit-base-patch32: 49 patch tokens at 224 px, as many as EfficientNet-Lite0's 7x7 feature map.
+    "vit-b32": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    patch_size=32, image_size=224),
 }
 LMS = {
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -78,13 +81,27 @@ def write_lm(name: str, root: Path, tiny: bool) -> Path:
     return path
 
 
-def build_vlm(vision_dir: Path, lm_dir: Path, device: str):
-    """vlm through its own loading path; frozen backbones in bf16, the projector in fp32."""
+def write_efficientnet(name: str, root: Path) -> Path:
+    """Random EfficientNet-Lite weights (the easy-VQA presets' tower), where vlm's efficientnet backend reads them."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = root / f"{name}.pth"
+    if not path.exists():
+        torch.save(EfficientNet.from_name(name).state_dict(), path)
+    return path
+
+
+def build_vlm(vision: Path, lm_dir: Path, device: str):
+    """vlm through its own loading path; frozen backbones in bf16, the projector in fp32. `vision` is an HF
+    tower's folder (write_vision) or EfficientNet-Lite weights (write_efficientnet)."""
     from vlm.config import LMConfig, ModelConfig, VisionConfig
     from vlm.model import VisionLanguageModel
 
-    config = ModelConfig(vision=VisionConfig(backend="hf", name=str(vision_dir), feature_layer=FEATURE_LAYER),
-                         lm=LMConfig(name=str(lm_dir), dtype="bfloat16"))
+    if vision.suffix == ".pth":
+        tower = VisionConfig(backend="efficientnet", name=vision.stem, pretrained=str(vision))
+    else:
+        tower = VisionConfig(backend="hf", name=str(vision), feature_layer=FEATURE_LAYER)
+    config = ModelConfig(vision=tower, lm=LMConfig(name=str(lm_dir), dtype="bfloat16"))
     model = VisionLanguageModel.from_config(config).to(device)
     model.vision.to(torch.bfloat16)
     return model

@@ -3,9 +3,18 @@ against a per-sample loop (`model.chat` on one question at a time: batch 1), in 
 against transformers' LlavaForConditionalGeneration built from the same configs, generating the
 same prompts: eager ("llava") and compiled ("llava compiled": a static KV cache, whose decoding
 steps transformers' generate() compiles with CUDA graphs, CompileConfig's default "reduce-overhead").
+"vlm" is vlm's default on the device: compiled decoding on a static cache on a GPU (the static cache
+alone on a CPU, where nothing compiles, so the CPU run still exercises that path); "vlm eager" is
+decoding="dynamic", vlm's path before compiled decoding and its CPU default, stated as a reference too.
 
     python -m benchmarks.eval_throughput                  # on a GPU
+    python -m benchmarks.eval_throughput --preset easy-vqa-gpu   # the easy-VQA GPU preset's shape
     python -m benchmarks.eval_throughput --tiny --device cpu   # CPU smoke run (batches 1 4, 8 questions)
+
+--preset easy-vqa-gpu: EfficientNet-Lite0 at 224 px (49 image tokens) + SmolLM2-135M, 64x64 images
+(easy-VQA's), batches 1 64 128, 1024 questions, 8 new tokens (easy-VQA answers are 1-2 tokens and an
+end token). LLaVA cannot host a CNN tower; its rows there use CLIP ViT-B/32 at 224 px, the same 49
+image tokens, so the LM side, where generation spends its time, is the same.
 
 Every question gets its own image (preprocessing is part of the measured time) and exactly
 --new-tokens answer tokens (min_new_tokens = max_new_tokens, so random weights cannot end an
@@ -37,21 +46,29 @@ from benchmarks.common import (
     reset_memory,
     synchronize,
     timed_answer,
+    write_efficientnet,
     write_lm,
     write_vision,
 )
 
 # The references: a --systems name and the label of its rows. vlm's rows are stated against each.
-REFERENCES = {"llava": "llava (transformers)", "llava compiled": "llava compiled (transformers)"}
+REFERENCES = {"llava": "llava (transformers)", "llava compiled": "llava compiled (transformers)",
+              "vlm eager": "vlm eager"}
 SYSTEMS = ["vlm", *REFERENCES]
+EFFICIENTNET = {"efficientnet-lite0": "vit-b32"}  # vlm's CNN tower: the CLIP tower LLaVA gets in its place
+PRESETS = {
+    "easy-vqa-gpu": dict(vision="efficientnet-lite0", lm="smollm2-135m", image_side=64, batches=[1, 64, 128],
+                         questions=1024, new_tokens=8),
+}
 QUESTIONS = ["What color is the shape?", "What shape is in the image?", "How many objects are there?",
              "Is there a circle in the picture?"]
 
 
-def make_questions(n: int) -> tuple[list[Image.Image], list[list[dict]]]:
+def make_questions(n: int, size: tuple[int, int] = (480, 640)) -> tuple[list[Image.Image], list[list[dict]]]:
+    """`n` questions, each on its own random image of `size` (height, width)."""
     g = torch.Generator().manual_seed(0)
     images = [
-        Image.fromarray(torch.randint(0, 256, (480, 640, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(n)
+        Image.fromarray(torch.randint(0, 256, (*size, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(n)
     ]
     conversations = [[{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} Answer with a single word."}]
                      for i in range(n)]
@@ -100,11 +117,32 @@ class LlavaChat:
             raise RuntimeError("transformers' generate() did not compile the decoding forward")
 
 
+class VlmChat:
+    """vlm with one way of decoding (VisionLanguageModel.generate's `decoding`), behind the same calls."""
+
+    def __init__(self, model, decoding: str):
+        self.model, self.decoding = model, decoding
+
+    def prepare(self, images, conversations) -> dict:
+        return self.model.prepare(images, conversations)
+
+    def generate(self, **inputs):
+        return self.model.generate(**inputs, decoding=self.decoding)
+
+    def chat(self, images, conversations, **generate_kwargs) -> list[str]:
+        return self.model.chat(images, conversations, decoding=self.decoding, **generate_kwargs)
+
+    def check_compiled(self) -> None:
+        """RuntimeError if compiled decoding fell back to eager (transformers decides per call)."""
+        if self.decoding == "compiled" and not hasattr(self.model.lm, "_compiled_call"):
+            raise RuntimeError("vlm's compiled decoding did not compile the decoding forward")
+
+
 def build_llava_chat(args, vlm, compiled: bool) -> LlavaChat:
     """LLaVA from the same configs as vlm, all in bf16 for inference (no autocast, whose per-op cost
     would slow its decoding); vlm's projector stays fp32, as vlm keeps it."""
-    llava = build_llava(args.vision, args.lm, args.tiny, image_token_id=vlm.processor.image_token_id,
-                        device=args.device)
+    llava = build_llava(EFFICIENTNET.get(args.vision, args.vision), args.lm, args.tiny,
+                        image_token_id=vlm.processor.image_token_id, device=args.device)
     llava.to(torch.bfloat16).requires_grad_(False).eval()
     return LlavaChat(llava, vlm, compiled, args.device)
 
@@ -145,8 +183,7 @@ def measure(model, system: str, images, conversations, args) -> tuple[list[dict]
     for batch in args.batches:
         n = max(batch, args.questions)
         rate = questions_per_second(model, images[:n], conversations[:n], batch, args.new_tokens, args.device)
-        if isinstance(model, LlavaChat):
-            model.check_compiled()
+        model.check_compiled()
         rows.append({"system": system, "batch": batch, "questions": n, "questions/s": rate,
                      "vs per-sample loop": rate / rows[0]["questions/s"] if rows else 1.0})
         print(json.dumps(rows[-1]), flush=True)
@@ -161,15 +198,18 @@ STREAM_RATIOS = {"time to first token ms": "time to first token", "tokens/s": "d
 
 def ratios(rows: list[dict], latency: list[dict]) -> tuple[list[dict], list[dict]]:
     """vlm's rows over each reference's row at the same batch size, its streaming latency over theirs;
-    "llava compiled" is stated against "llava" too."""
+    "llava compiled" is stated against "llava" too, and "vlm eager" against both LLaVA rows."""
     return (against_references(rows, REFERENCES, ["batch"], BATCH_RATIOS),
             against_references(latency, REFERENCES, [], STREAM_RATIOS))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vision", choices=list(VISION), default="vit-l14-336")
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="a preset's shape (see the module's docstring); the flags below override it")
+    parser.add_argument("--vision", choices=[*VISION, *EFFICIENTNET], default="vit-l14-336")
     parser.add_argument("--lm", choices=list(LMS), default="smollm2-135m")
+    parser.add_argument("--image-side", type=int, help="square images of this side; default 640x480 photos")
     # Batch 1 is the per-sample loop the other rows are compared with.
     parser.add_argument("--batches", type=int, nargs="+", help="default: 1 2 4 8 16 32 64; 1 4 with --tiny")
     parser.add_argument("--questions", type=int,
@@ -177,15 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--stream-tokens", type=int, default=64, help="answer length for the streaming latency")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS,
-                        help="vlm always runs; llava compiled compiles generation in its warm-up")
+                        help="vlm always runs; the compiled ones compile generation in their warm-up")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized configs, to check the script runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with a --preset's values for those not given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    if args.tiny and args.vision in EFFICIENTNET:
+        parser.error(f"--tiny swaps in tiny CLIP towers; {args.vision} has no tiny config, so run it without --tiny")
+    return args
+
+
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # --tiny checks that the script runs: a small grid keeps it quick with compiled LLaVA on a CPU.
     args.batches = args.batches or ([1, 4] if args.tiny else [1, 2, 4, 8, 16, 32, 64])
     args.questions = args.questions or (8 if args.tiny else 32)
@@ -193,20 +245,28 @@ def main(argv=None) -> None:
     print(describe_device(args.device), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = build_vlm(write_vision(args.vision, root, args.tiny), write_lm(args.lm, root, args.tiny), args.device)
+        vision = (write_efficientnet(args.vision, root) if args.vision in EFFICIENTNET
+                  else write_vision(args.vision, root, args.tiny))
+        model = build_vlm(vision, write_lm(args.lm, root, args.tiny), args.device)
     model.eval()
+    decoding = "compiled" if args.device.startswith("cuda") else "static"
+    side = f"{args.image_side}x{args.image_side}" if args.image_side else "640x480"
     print(
         f"{args.vision} + {args.lm}{' (tiny configs)' if args.tiny else ''}, bf16 backbones, greedy, "
-        f"{args.new_tokens} new tokens per answer",
+        f"{args.new_tokens} new tokens per answer, {side} images; vlm decoding: {decoding}",
         flush=True,
     )
 
-    images, conversations = make_questions(max(args.questions, *args.batches))
+    size = (args.image_side, args.image_side) if args.image_side else (480, 640)
+    images, conversations = make_questions(max(args.questions, *args.batches), size)
     rows, latency = [], []
     # vlm first: LLaVA's prompts come from vlm's processor, so vlm stays loaded throughout.
     for system in [name for name in SYSTEMS if name == "vlm" or name in args.systems]:
         reset_memory(args.device, forget_compiled=True)
-        chat = model if system == "vlm" else build_llava_chat(args, model, compiled=system == "llava compiled")
+        if system.startswith("vlm"):
+            chat = VlmChat(model, decoding if system == "vlm" else "dynamic")
+        else:
+            chat = build_llava_chat(args, model, compiled=system == "llava compiled")
         label = REFERENCES.get(system, system)
         try:
             system_rows, system_latency = measure(chat, label, images, conversations, args)

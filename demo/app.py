@@ -15,13 +15,14 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from vlm.config import ConfigError
 from vlm.files import EXAMPLES_DIR
 from vlm.images import ImageError, load_image
-from vlm.model import VisionLanguageModel, check_generation_settings, load_model
+from vlm.model import VisionLanguageModel, check_generation_settings, load_model, to_accelerator
 from vlm.processor import PromptError
 
 # Answers generated at once on the one shared model (thread-safe: the same greedy answers as one at
 # a time, checked in tests/test_demo.py). On the offline default on 2 CPU cores, 2 at once nearly
 # double the total tokens/s and 4 keep 90% of that while each user's text still starts within a
-# second (benchmarks/demo_latency.py, numbers in the README).
+# second (benchmarks/demo_latency.py, numbers in the README). On a GPU they take turns on compiled
+# decoding's one thread (VisionLanguageModel.generate).
 CONCURRENT_ANSWERS = 4
 EXAMPLES = [
     ("shape_0.png", "What shape is in the image?"),
@@ -39,6 +40,7 @@ NO_IMAGE = "Upload an image (or pick an example below), then ask a question abou
 # an hour after the browser closes, and for API clients until 10,000 later sessions push it out.
 SESSION_IMAGE_SIDE = 1024
 M_ARENA_MAX = -8  # glibc's mallopt parameter
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def launch(checkpoint: str | None = None, config: str | None = None, *, host: str = "127.0.0.1", port: int = 7860,
@@ -52,6 +54,10 @@ def launch(checkpoint: str | None = None, config: str | None = None, *, host: st
         print(message, file=sys.stderr)
 
     model = load_model(checkpoint, config, announce=announce)
+    to_accelerator(model)
+    if model.device.type == "cuda":
+        print("compiling decoding for the GPU (a minute, once)", file=sys.stderr)
+        model.warm_up(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     app = build_app(model, announced[-1].removeprefix("loading "))
     try:
         app.launch(server_name=host, server_port=port, share=share)
@@ -143,7 +149,7 @@ def build_app(model: VisionLanguageModel, checkpoint_label: str) -> gr.Blocks:
         with gr.Accordion("Generation settings", open=False):
             temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (when sampling)")
-            max_new_tokens = gr.Slider(1, 512, value=128, step=1, label="Max new tokens")
+            max_new_tokens = gr.Slider(1, 512, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens")
         gr.Examples([[{"text": q, "files": [str(EXAMPLES_DIR / name)]}] for name, q in EXAMPLES], inputs=[question])
         # The conversation lives in the session, so API clients need not send the chat history back.
         answering = question.submit(respond, [question, session, temperature, top_p, max_new_tokens],

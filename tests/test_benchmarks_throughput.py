@@ -11,7 +11,7 @@ import pytest
 from benchmarks import eval_throughput, train_throughput
 from benchmarks.common import _cell, against_references
 
-LLAVA, LLAVA_COMPILED = "llava (transformers)", "llava compiled (transformers)"
+LLAVA, LLAVA_COMPILED, VLM_EAGER = "llava (transformers)", "llava compiled (transformers)", "vlm eager"
 
 
 def tables(text: str) -> list[list[dict]]:
@@ -104,33 +104,36 @@ def test_eval_throughput_states_vlm_against_eager_and_compiled_llava(tmp_path, c
     eval_throughput.main([*EVAL_ARGS, "--json", str(out)])
     result = json.loads(out.read_text())
     rows, stream = result["batched"], result["stream"]
-    assert [(row["system"], row["batch"]) for row in rows] == [
-        (system, batch) for system in ("vlm", LLAVA, LLAVA_COMPILED) for batch in (1, 2)
-    ]
-    assert [row["system"] for row in stream] == ["vlm", LLAVA, LLAVA_COMPILED]
+    systems = ["vlm", LLAVA, LLAVA_COMPILED, VLM_EAGER]
+    assert [(row["system"], row["batch"]) for row in rows] == [(name, batch) for name in systems for batch in (1, 2)]
+    assert [row["system"] for row in stream] == systems
 
     printed = capsys.readouterr().out
     assert "left out" not in printed
     batched_table, batch_ratios, stream_table, stream_ratios = tables(printed)[-4:]
     assert [row["system"] for row in batched_table] == [row["system"] for row in rows]
-    assert list(batch_ratios[0]) == ["system", "batch", "questions/s vs llava", "questions/s vs llava compiled"]
+    assert list(batch_ratios[0]) == ["system", "batch", "questions/s vs llava", "questions/s vs llava compiled",
+                                     "questions/s vs vlm eager"]
     for batch in (1, 2):
         vlm, ratio = find(rows, system="vlm", batch=batch), find(batch_ratios, system="vlm", batch=batch)
-        for column, reference in (("questions/s vs llava", LLAVA), ("questions/s vs llava compiled", LLAVA_COMPILED)):
+        for column, reference in (("questions/s vs llava", LLAVA), ("questions/s vs llava compiled", LLAVA_COMPILED),
+                                  ("questions/s vs vlm eager", VLM_EAGER)):
             assert_ratio(ratio[column], vlm["questions/s"], find(rows, system=reference, batch=batch)["questions/s"])
+        eager_ratio = find(batch_ratios, system=VLM_EAGER, batch=batch)
+        assert eager_ratio["questions/s vs vlm eager"] == ""  # never against itself
         saved = find(result["batched ratios"], system="vlm", batch=batch)
         assert saved["questions/s vs llava compiled"] == (
             vlm["questions/s"] / find(rows, system=LLAVA_COMPILED, batch=batch)["questions/s"]
         )
-    assert list(stream_ratios[0]) == ["system", "time to first token vs llava", "time to first token vs llava compiled",
-                                      "decoding tokens/s vs llava", "decoding tokens/s vs llava compiled"]
+    assert list(stream_ratios[0]) == ["system", *(f"{measure} vs {name}" for measure in ("time to first token",
+                                      "decoding tokens/s") for name in ("llava", "llava compiled", "vlm eager"))]
     vlm, ratio = find(stream, system="vlm"), find(stream_ratios, system="vlm")
-    for name, reference in (("llava", LLAVA), ("llava compiled", LLAVA_COMPILED)):
+    for name, reference in (("llava", LLAVA), ("llava compiled", LLAVA_COMPILED), ("vlm eager", VLM_EAGER)):
         ref = find(stream, system=reference)
         assert_ratio(ratio[f"time to first token vs {name}"], vlm["time to first token ms"],
                      ref["time to first token ms"])
         assert_ratio(ratio[f"decoding tokens/s vs {name}"], vlm["tokens/s"], ref["tokens/s"])
-    assert [row["system"] for row in stream_table] == ["vlm", LLAVA, LLAVA_COMPILED]
+    assert [row["system"] for row in stream_table] == systems
 
 
 def test_eval_throughput_leaves_out_compiled_llava_when_its_generation_fails(tmp_path, capsys, monkeypatch):
@@ -172,3 +175,10 @@ def test_eval_warm_up_meets_every_prompt_the_timed_pass_does(batch):
 @pytest.mark.parametrize("script", [train_throughput, eval_throughput])
 def test_compiled_references_are_in_the_default_systems(script):
     assert {"llava", "llava compiled"} <= set(script.build_parser().parse_args([]).systems)
+
+
+def test_eval_throughput_preset_sets_the_shape_and_flags_override_it():
+    args = eval_throughput.parse_args(["--preset", "easy-vqa-gpu", "--batches", "64"])
+    assert (args.vision, args.lm, args.image_side, args.batches, args.new_tokens) == (
+        "efficientnet-lite0", "smollm2-135m", 64, [64], 8)
+    assert eval_throughput.parse_args([]).vision == "vit-l14-336"

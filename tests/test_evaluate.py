@@ -82,10 +82,16 @@ def test_easy_vqa_default_output_hash_and_fixed_seed_subset(checkpoint, capsys):
     assert results["config_hash"] == hashlib.sha256((checkpoint / "vlm_config.json").read_bytes()).hexdigest()
     assert (results["benchmark"], results["split"], results["n"], results["seed"]) == ("easy_vqa", "test", 6, 0)
     assert results["wall_time_s"] > 0 and results["questions_per_s"] > 0
-    assert results["generation"] == {"greedy": True, "max_new_tokens": 16, "batch_size": 4}
+    assert results["generation"] == {"greedy": True, "max_new_tokens": 16, "batch_size": 4,
+                                     "decoding": "compiled" if torch.cuda.is_available() else "dynamic"}
     assert "vqa_accuracy" in capsys.readouterr().out
+    predictions = (out / "predictions.jsonl").read_text()
 
-    assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "6", "--seed", "0"]) == 0
+    # Eager decoding on request gives the same answers (on a GPU, where the default compiles).
+    assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "6", "--seed", "0", "--batch-size", "4",
+                 "--no-compile"]) == 0
+    assert json.loads((out / "results.json").read_text())["generation"]["decoding"] == "dynamic"
+    assert (out / "predictions.jsonl").read_text() == predictions
     again = [json.loads(line)["question_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "6", "--seed", "1"]) == 0
     other = [json.loads(line)["question_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -113,9 +119,12 @@ class ScriptedModel:
     def encode_batch(self, images, conversations):
         return {"conversations": len(conversations)}
 
-    def answer(self, batch, max_new_tokens):
+    def answer(self, batch, max_new_tokens, decoding):
         self.max_new_tokens.append(max_new_tokens)
         return [self.reply] * batch["conversations"]
+
+    def resolve_decoding(self, decoding):
+        return decoding or "dynamic"
 
     def check_prompt_fits(self, image, messages, max_new_tokens):
         pass

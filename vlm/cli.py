@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument("--ocr", action="store_true", help="textvqa: put the dataset's OCR tokens in the prompt")
     evaluate.add_argument("--output", help="results folder (default: <checkpoint>/eval/<benchmark>)")
+    evaluate.add_argument("--no-compile", dest="compile", action="store_false",
+                          help="on a GPU, decode eagerly on a growing KV cache instead of compiled steps on a static "
+                               "one (the same greedy answers; compiling takes a minute once per process)")
     evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results JSON files side by side")
 
     demo = commands.add_parser("demo", help="chat with a checkpoint in a Gradio app")
@@ -117,7 +120,7 @@ def _run(args) -> int:
             return 0
         return run_eval(args.checkpoint, args.benchmark, data=args.data, split=args.split, limit=args.limit,
                         seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        cot=args.cot, ocr=args.ocr, output=args.output)
+                        cot=args.cot, ocr=args.ocr, output=args.output, compile=args.compile)
     if args.command == "data":
         return _data_check(args)
     if args.command == "demo":

@@ -25,7 +25,14 @@ from vlm.metrics import (
     summarize,
     vqa_accuracy,
 )
-from vlm.model import CONFIG_FILE, check_generation_settings, default_checkpoint, load_model, read_checkpoint_config
+from vlm.model import (
+    CONFIG_FILE,
+    check_generation_settings,
+    default_checkpoint,
+    load_model,
+    read_checkpoint_config,
+    to_accelerator,
+)
 from vlm.processor import PromptError
 from vlm.vqa_benchmarks import build_prompt, get_benchmark, select
 
@@ -36,9 +43,10 @@ COT_MAX_NEW_TOKENS = 256  # room for the reasoning before the final answer
 def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", *, data: str | None = None,
              split: str | None = None, limit: int = 1000, seed: int = 0, batch_size: int = 32,
              max_new_tokens: int | None = None, cot: bool = False, ocr: bool = False,
-             output: str | Path | None = None) -> int:
+             output: str | Path | None = None, compile: bool = True) -> int:
     """Score `checkpoint` (default: the trained offline run) on a fixed-seed subset of `benchmark`;
-    `data` is a local copy instead of the Hub, `limit` 0 takes every question."""
+    `data` is a local copy instead of the Hub, `limit` 0 takes every question. `compile` False decodes
+    eagerly on a GPU too (see VisionLanguageModel.generate)."""
     task = get_benchmark(benchmark)
     if ocr and task.name != "textvqa":
         raise ConfigError("--ocr adds TextVQA's OCR tokens to the prompt; use it with --benchmark textvqa")
@@ -54,9 +62,11 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
     output = Path(output) if output else checkpoint / "eval" / f"{task.name}{suffix}"
 
     model = load_model(checkpoint, None, announce=lambda m: print(m, file=sys.stderr))
-    _to_accelerator(model)
+    to_accelerator(model)
+    decoding = None if compile else "dynamic"
     start = time.perf_counter()
-    items, skipped = generate(model, selection, cot=cot, ocr=ocr, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    items, skipped = generate(model, selection, cot=cot, ocr=ocr, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              decoding=decoding)
     wall = time.perf_counter() - start
     if not items:
         raise ConfigError(
@@ -77,7 +87,8 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
         "seed": seed,
         "metrics": metrics,
         "prompt": {"chain_of_thought": cot, "ocr_tokens": ocr if task.name == "textvqa" else None},
-        "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+        "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                       "decoding": model.resolve_decoding(decoding)},
         "checkpoint": str(checkpoint),
         "config_hash": hashlib.sha256((checkpoint / CONFIG_FILE).read_bytes()).hexdigest(),
         "wall_time_s": round(wall, 3),
@@ -105,16 +116,8 @@ def _checkpoint_dir(checkpoint: str | Path | None) -> Path:
     return path
 
 
-def _to_accelerator(model) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        model.to("cuda")
-    model.eval()
-
-
 def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new_tokens: int,
-             num_workers: int | None = None):
+             num_workers: int | None = None, decoding: str | None = None):
     """Greedy answers for every well-formed record; malformed ones, and ones too long for the LM's
     context, come back in `skipped`.
 
@@ -137,7 +140,7 @@ def generate(model, selection, *, cot: bool, ocr: bool, batch_size: int, max_new
     with torch.no_grad(), tqdm(total=len(selection), desc=desc, unit="q", file=sys.stderr, disable=None) as progress:
         for records, errors, batch in loader:
             skipped += errors
-            replies = model.answer(batch, max_new_tokens=max_new_tokens) if records else []
+            replies = model.answer(batch, max_new_tokens=max_new_tokens, decoding=decoding) if records else []
             for record, reply in zip(records, replies, strict=True):
                 record["prediction"] = extract_final_answer(reply) if cot else reply
                 if cot:
@@ -253,7 +256,7 @@ def markdown(results: dict) -> str:
         f"- prompt: LLaVA-1.5 suffixes, chain of thought {'on' if prompt['chain_of_thought'] else 'off'}"
         + ("" if ocr is None else f", OCR tokens {'in' if ocr else 'not in'} the prompt"),
         f"- generation: greedy, at most {results['generation']['max_new_tokens']} new tokens, "
-        f"batch {results['generation']['batch_size']}",
+        f"batch {results['generation']['batch_size']}, {results['generation'].get('decoding', 'dynamic')} decoding",
         f"- checkpoint: {results['checkpoint']} (config sha256 {results['config_hash'][:12]})",
         f"- wall time {results['wall_time_s']:.1f} s, {results['questions_per_s']} questions/s",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from threading import Thread
 from typing import TYPE_CHECKING
@@ -29,6 +30,11 @@ PROJECTOR_FILE = "projector.safetensors"
 LORA_DIR = "lora"
 LM_DIR = "lm"
 PAD_MULTIPLE_COMPILED = 64
+# How generate() keeps its KV cache; see VisionLanguageModel.generate.
+DECODING = ("dynamic", "static", "compiled")
+# The shortest static cache, in tokens. Caches are sized in powers of two from here, so a whole eval (prompts
+# of one benchmark, one answer budget) fits one size, and each size is one compiled decoding step.
+MIN_CACHE_LENGTH = 256
 
 
 class VisionLanguageModel(nn.Module):
@@ -41,6 +47,11 @@ class VisionLanguageModel(nn.Module):
         self.projector = Projector(config.projector, vision.hidden_size, lm.config.hidden_size, vision.num_patches)
         self.processor = VLMProcessor(tokenizer, vision.preprocess, self.projector.num_tokens)
         self.compiled = False  # set by compile_for_training()
+        # Static KV caches by (rows, length, device, dtype), and the one thread that generates with them: a cache
+        # holds one generation at a time, and torch keeps the CUDA graphs of compiled decoding per thread, so
+        # decoding on each caller's thread (the demo starts one per answer) would record them all again.
+        self._caches: dict[tuple, object] = {}
+        self._decoder: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> VisionLanguageModel:
@@ -69,8 +80,9 @@ class VisionLanguageModel(nn.Module):
         feature layer, and a replay of the shared block graph overwrites them.
 
         A graph is recorded per batch shape, so training batches pad their length to a multiple of
-        PAD_MULTIPLE_COMPILED. Generation runs the blocks eagerly: its KV-cache shapes change at
-        every step. Call this after adding LoRA.
+        PAD_MULTIPLE_COMPILED. Generation runs these blocks eagerly (a dynamic KV cache changes shape
+        at every step, and prefill lengths vary), and after this call it does not compile decoding
+        either: see generate(). Call this after adding LoRA.
         """
         # One compiled frame serves the blocks of both towers, with and without grad, before and after
         # LoRA, at several shapes. Past dynamo's default of 8 variants it silently runs the rest eagerly
@@ -209,21 +221,100 @@ class VisionLanguageModel(nn.Module):
             )
 
     @torch.no_grad()
-    @torch.compiler.set_stance("force_eager")  # see compile_for_training()
-    def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None, **generate_kwargs):
-        """New token ids only. Greedy by default; pass do_sample/temperature/top_p to sample."""
+    def generate(self, input_ids, attention_mask, pixel_values=None, image_features=None, decoding: str | None = None,
+                 **generate_kwargs):
+        """New token ids only. Greedy by default; pass do_sample/temperature/top_p to sample.
+
+        `decoding` says how the KV cache is kept (the same greedy tokens every way, tests/test_generation.py):
+        "dynamic" grows it by a token each step, eagerly: the default on a CPU, where compiling gains nothing.
+        "static" preallocates it at a bucketed shape (rows and length rounded up to powers of two) and
+        reuses it across calls. "compiled" is static with each decoding step compiled into a CUDA graph
+        (transformers' generate() compiles its forward for a static cache): the default on a GPU, where a
+        small LM's eager step is bound by kernel launches. Prefill runs eagerly on the whole batch at once.
+        A model compiled for training decodes "static" by default: the stance that keeps its training-
+        compiled blocks eager would keep the decoding step eager too.
+        """
+        decoding = self.resolve_decoding(decoding)
         generate_kwargs.setdefault("max_new_tokens", 64)
         self._check_context(int(attention_mask.sum(-1).max()), generate_kwargs["max_new_tokens"])
-        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
+        with torch.compiler.set_stance("force_eager"):  # blocks compiled for training: see compile_for_training()
+            embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
         generate_kwargs.setdefault("do_sample", False)
         if not generate_kwargs["do_sample"]:
             generate_kwargs.update(temperature=None, top_p=None, top_k=None)
-        return self.lm.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **generate_kwargs,
-        )
+        generate_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        if decoding == "dynamic":
+            with torch.compiler.set_stance("force_eager"):
+                return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-decoding")
+        return self._decoder.submit(
+            self._generate_static, embeds, attention_mask, decoding == "compiled", generate_kwargs
+        ).result()
+
+    def resolve_decoding(self, decoding: str | None) -> str:
+        on_gpu = self.device.type == "cuda"
+        if decoding is None:
+            return ("static" if self.compiled else "compiled") if on_gpu else "dynamic"
+        if decoding not in DECODING:
+            raise ValueError(f"decoding must be one of {', '.join(DECODING)}, got {decoding!r}")
+        if decoding == "compiled" and not on_gpu:
+            raise ValueError("compiled decoding records CUDA graphs and needs the model on a CUDA device; "
+                             "use decoding='static' or 'dynamic' on a CPU")
+        if decoding == "compiled" and self.compiled:
+            raise ValueError("this model's blocks are compiled for training, which keeps decoding eager; "
+                             "use decoding='static' (the default for it) or load the model afresh to evaluate")
+        return decoding
+
+    @torch.no_grad()
+    def _generate_static(self, embeds: torch.Tensor, attention_mask: torch.Tensor, compiled: bool,
+                         generate_kwargs: dict) -> torch.Tensor:
+        """generate() on a reused static cache, on the decoding thread."""
+        from transformers import CompileConfig
+
+        rows = embeds.shape[0]
+        # transformers' streamers take one row, so a streamed answer gets a cache without padding rows.
+        cache, cache_rows = self._static_cache(rows, attention_mask.shape[1] + generate_kwargs["max_new_tokens"],
+                                               pad_rows=generate_kwargs.get("streamer") is None)
+        # The cache's extra rows repeat the first row: they stop when it does, so they never hold the batch back.
+        fill = torch.zeros(cache_rows - rows, dtype=torch.long, device=embeds.device)
+        embeds, attention_mask = torch.cat((embeds, embeds[fill])), torch.cat((attention_mask, attention_mask[fill]))
+        if compiled:
+            # One compiled variant per cache shape; past dynamo's default limit of 8 the rest would run eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            options = {"compile_config": CompileConfig(dynamic=False)}  # a CUDA graph per shape, never symbolic
+        else:
+            options = {"disable_compile": True}
+        stance = "default" if compiled else "force_eager"  # compiled decoding needs the stance generate() lacks
+        with torch.compiler.set_stance(stance):
+            tokens = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                      **{_cache_argument(): cache}, **options, **generate_kwargs)
+        return tokens[:rows]
+
+    def _static_cache(self, rows: int, length: int, pad_rows: bool):
+        """The smallest cache held that fits `rows` x `length` (reset), else a new one of bucketed size;
+        with how many rows it has. A smaller batch (an eval's last) reuses a larger cache, unless not
+        `pad_rows`: padding rows costs less than a new shape, which compiles and records another graph."""
+        from transformers import StaticCache
+
+        where = (self.device, self.lm.dtype)
+        fits = [key for key in self._caches
+                if key[2:] == where and (key[0] >= rows if pad_rows else key[0] == rows) and key[1] >= length]
+        if fits:
+            key = min(fits)
+        else:
+            key = (_power_of_two(rows) if pad_rows else rows, min(_power_of_two(max(length, MIN_CACHE_LENGTH)),
+                                            max(length, self.lm.config.max_position_embeddings)), *where)
+            self._caches[key] = StaticCache(config=self.lm.config, max_cache_len=key[1])
+        cache = self._caches[key]
+        cache.reset()
+        return cache, key[0]
+
+    def warm_up(self, max_new_tokens: int = 128) -> None:
+        """One throwaway answer at the demo's shape, so compiled decoding compiles and records its graph
+        now rather than on the first user's question."""
+        image = Image.new("RGB", (self.vision.image_size, self.vision.image_size))
+        self.chat([image], [[{"role": "user", "content": "What is in the image?"}]], max_new_tokens=max_new_tokens)
 
     def chat(self, images: list[Image.Image | None], conversations: list[list[dict]], **generate_kwargs) -> list[str]:
         """Batched answers, one per conversation (each ends with a user turn)."""
@@ -326,6 +417,19 @@ class VisionLanguageModel(nn.Module):
         self.projector.load_state_dict(load_file(directory / PROJECTOR_FILE))
 
 
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _cache_argument() -> str:
+    """The keyword generate() takes a Cache under: transformers renamed past_key_values to cache in 5.x."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
 def check_generation_settings(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, *,
                               flag_prefix: str = "--") -> None:
     """ConfigError naming the first setting out of range; `vlm chat`, the demo and `vlm eval` all ask here.
@@ -361,6 +465,13 @@ def check_same_backbones(saved: ModelConfig, requested: ModelConfig, directory) 
             f"{requested.vision.name} + LM {requested.lm.name}; "
             "drop the config to use the checkpoint's backbones, or train a projector for these"
         )
+
+
+def to_accelerator(model: VisionLanguageModel) -> None:
+    """Onto the GPU where there is one, for inference; `vlm eval` and the demo both ask here."""
+    if torch.cuda.is_available():
+        model.to("cuda")
+    model.eval()
 
 
 def default_checkpoint() -> Path:

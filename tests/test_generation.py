@@ -1,0 +1,89 @@
+"""Static-cache generation (the GPU default, compiled there) gives the eager dynamic-cache path's greedy tokens.
+
+Compilation itself needs CUDA; the static cache, its bucketed shapes, the padding rows and the reuse of a
+cache across calls all run here, on the CPU."""
+
+import pytest
+import torch
+
+QUESTIONS = ["what shape?", "what is the color of the shape in the image, and is it a circle?", "yes", "no?"]
+
+
+@pytest.fixture
+def model(tiny_model):
+    with torch.no_grad():
+        tiny_model.projector.proj[2].weight.mul_(20)  # make the image matter to the output
+    return tiny_model
+
+
+def batch(model, images, questions):
+    present = [images[i % len(images)] if i % 3 else None for i in range(len(questions))]  # text-only rows too
+    return model.prepare(present, [[{"role": "user", "content": q}] for q in questions])
+
+
+def test_static_cache_gives_the_dynamic_caches_greedy_tokens_with_padding_and_early_stops(model, images):
+    inputs = batch(model, images, QUESTIONS[:3])  # 3 rows: the static cache pads them to 4
+    assert inputs["attention_mask"].sum(-1).unique().numel() == 3  # three prompt lengths, left-padded
+    free = model.generate(**inputs, max_new_tokens=12, decoding="dynamic")
+    # A token the first row says early and the others never do, made the stop token: rows end at different steps.
+    stop = next(t for t in free[0, 1:6].tolist() if t not in free[1:].flatten().tolist())
+    dynamic = model.generate(**inputs, max_new_tokens=12, decoding="dynamic", eos_token_id=stop)
+    static = model.generate(**inputs, max_new_tokens=12, decoding="static", eos_token_id=stop)
+    pad = model.tokenizer.pad_token_id
+    assert (dynamic[0] == pad).any() and not (dynamic[1:] == pad).all()  # the first row stopped early, not all
+    assert dynamic.shape == (3, 12)
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+
+
+def test_a_reused_cache_leaves_nothing_of_the_last_batch_in_the_next(model, images):
+    """The eval pattern: full batches, then a smaller last one, all on the first batch's cache."""
+    for questions in (QUESTIONS, QUESTIONS[::-1], QUESTIONS[1:3]):
+        inputs = batch(model, images, questions)
+        dynamic = model.generate(**inputs, max_new_tokens=6, decoding="dynamic")
+        static = model.generate(**inputs, max_new_tokens=6, decoding="static")
+        torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+    assert [key[:2] for key in model._caches] == [(4, 256)]  # one shape: one compiled variant on a GPU
+
+
+def test_sampling_runs_on_the_static_cache(model, images):
+    inputs = batch(model, images, QUESTIONS[:2])
+    torch.manual_seed(0)
+    dynamic = model.generate(**inputs, max_new_tokens=6, decoding="dynamic", do_sample=True, temperature=0.8)
+    torch.manual_seed(0)
+    static = model.generate(**inputs, max_new_tokens=6, decoding="static", do_sample=True, temperature=0.8)
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+
+
+def test_chat_and_stream_chat_take_the_static_path(model, images):
+    questions = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    eager = model.chat(images[:3], questions, max_new_tokens=8, decoding="dynamic")
+    assert model.chat(images[:3], questions, max_new_tokens=8, decoding="static") == eager
+    # A streamer takes one row, so the stream gets a cache of its own rather than the batch's padded one.
+    streamed = "".join(model.stream_chat(images[0], questions[0], max_new_tokens=8, decoding="static"))
+    assert streamed.strip() == eager[0]
+    assert sorted(key[0] for key in model._caches) == [1, 4]
+
+
+def test_the_cpu_default_is_the_dynamic_cache_and_bad_settings_are_named(model, images):
+    inputs = batch(model, images, QUESTIONS[:2])
+    model.generate(**inputs, max_new_tokens=2)
+    assert model._caches == {}
+    with pytest.raises(ValueError, match="CUDA device"):
+        model.generate(**inputs, max_new_tokens=2, decoding="compiled")
+    with pytest.raises(ValueError, match="dynamic, static, compiled"):
+        model.generate(**inputs, max_new_tokens=2, decoding="graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled decoding records CUDA graphs")
+def test_compiled_decoding_gives_the_eager_greedy_tokens_on_a_gpu(model, images):
+    model.to("cuda")
+    for questions in (QUESTIONS, QUESTIONS[1:3]):
+        inputs = batch(model, images, questions)
+        eager = model.generate(**inputs, max_new_tokens=8, decoding="dynamic")
+        torch.testing.assert_close(model.generate(**inputs, max_new_tokens=8, decoding="compiled"), eager,
+                                   rtol=0, atol=0)
+    # The demo streams from a new thread per answer; decoding stays on the model's one thread and its graphs.
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    streamed = [text.strip() for text in ("".join(model.stream_chat(images[0], question, max_new_tokens=8)),
+                                          "".join(model.stream_chat(images[0], question, max_new_tokens=8)))]
+    assert streamed == model.chat([images[0]], [question], max_new_tokens=8, decoding="dynamic") * 2
