@@ -149,7 +149,7 @@ def open_feature_cache(config: Config, model: VisionLanguageModel, records: dict
     keys = {name: set(cache_items(r, *stage_images(config, name, r, accelerator.num_processes)))
             for name, r in records.items()}
     if config.data.cache == "auto":
-        # An epoch reads each image once, under data.augment a view of it that the next views epochs do not read again.
+        # A cached image pays when a later epoch reads it again: under data.augment, not before epoch `views`.
         several_epochs = [n for n in records if getattr(config.train, n).epochs > max(1, augment.views)]
         shared = len(keys) == 2 and not keys["align"].isdisjoint(keys["instruct"])
         if not several_epochs and not shared:

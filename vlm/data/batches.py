@@ -137,8 +137,8 @@ class ConversationDataset(Dataset):
     def length(self, index: int) -> int:
         return self.examples.length(index)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict:
-        index, view = item if self.augment else (item, None)
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        index, view = index if self.augment else (index, None)
         reason = REASONS[self.examples.reasons[index]]
         item = {"index": index, "reason": reason or None, "encoded": None, "image": None, "location": None}
         if reason:
@@ -268,14 +268,17 @@ def cache_items(records: Records, train_indices, val_indices, augment: AugmentCo
     are, and the training images as they are or, under `augment`, as their first `augment.views` views."""
     items = {}
     for index in map(int, val_indices):
-        if records.key(index):
-            items.setdefault(records.key(index), functools.partial(_record_image, records, index))
+        key = records.key(index)
+        if key:
+            items.setdefault(key, functools.partial(_record_image, records, index))
     for index in map(int, train_indices):
         key = records.key(index)
+        if not key:
+            continue
         load = functools.partial(_record_image, records, index)  # the record is parsed only when its image opens
-        if key and augment is None:
+        if augment is None:
             items.setdefault(key, load)
-        elif key:
+        else:
             for view in range(augment.views):
                 items.setdefault(view_key(key, augment, view), view_loader(load, key, augment, view))
     return items
