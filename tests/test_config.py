@@ -88,3 +88,16 @@ def test_a_folder_named_by_a_number_is_a_path():
 def test_on_and_off_are_options_not_booleans():
     assert load_config("offline", ["data.cache=on"]).data.cache == "on"
     assert load_config("offline", ["data.cache=off"]).data.cache == "off"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.augment.views=-2", r"data.augment.views=-2 is out of range; use a value at least 0"),
+    ("data.augment.color=0.5", r"data.augment.color=0.5 is out of range; use a value from 0 to 0.2"),
+    ("data.augment.rotate=270", r"data.augment.rotate=270.0 is out of range; use a value from 0 to 180"),
+    ("data.augment.views=four", r"data.augment.views must be int, got 'four'"),
+    ("data.augment.rotation=90", r"did you mean 'data.augment.rotate'"),
+])
+def test_augmentation_settings_out_of_range_stop_with_the_key_and_the_range(override, message):
+    assert load_config("offline").data.augment.views == 0  # off unless asked for
+    with pytest.raises(ConfigError, match=message):
+        load_config("offline", [override])

@@ -276,6 +276,153 @@ def test_length_grouped_batches_cover_each_index_once_and_shard_and_resume():
     assert list(resumed) == full[5:]
 
 
+# ---- data.augment ---------------------------------------------------------------------------------
+
+RED = (220, 30, 30)
+
+
+def _shapes(n):
+    """easy-VQA-like pictures: one red triangle or rectangle on white, somewhere in a 48 px frame."""
+    from PIL import ImageDraw
+
+    pictures = []
+    for i in range(n):
+        image = Image.new("RGB", (48, 48), "white")
+        x, y = 6 + 5 * i % 20, 10 + 3 * i % 16
+        if i % 2:
+            ImageDraw.Draw(image).polygon([(x, y + 20), (x + 22, y + 20), (x + 8, y)], fill=RED)
+        else:
+            ImageDraw.Draw(image).rectangle([x, y, x + 24, y + 12], fill=RED)
+        pictures.append(image)
+    return pictures
+
+
+def _augment(**settings):
+    from vlm.config import AugmentConfig
+
+    return AugmentConfig(**{"views": 3, **settings})
+
+
+def test_views_differ_keep_the_shape_whole_and_red_and_are_drawn_again_the_same(tmp_path):
+    from vlm.data.augment import augmented
+
+    config = _augment()
+    for key, image in zip("abcdef", _shapes(6), strict=True):
+        views = [np.asarray(augmented(image, key, config, v), np.int16) for v in range(4)]
+        original = np.asarray(image, np.int16)
+        for i, view in enumerate(views):
+            assert view.shape == original.shape and np.abs(view - original).mean() > 3
+            assert all(np.abs(view - other).mean() > 3 for other in views[i + 1:])
+            red = (view[..., 0] - view[..., 1] > 100) & (view[..., 0] - view[..., 2] > 100)
+            # The whole shape is in the frame: no shape pixel on its edge, and about as many as before.
+            assert not (red[0].any() or red[-1].any() or red[:, 0].any() or red[:, -1].any())
+            before = (np.abs(original - RED).max(axis=-1) < 40).sum()
+            assert 0.3 * before < red.sum() < 2.5 * before
+            # Its colour is still the one named: no channel moves far from it.
+            assert np.abs(np.median(view[red], axis=0) - RED).max() < 40
+        assert np.array_equal(views[1], np.asarray(augmented(image, key, config, 1)))
+
+
+def test_augmented_views_are_cached_once_under_keys_naming_the_settings(tiny_model, tmp_path):
+    from vlm.data.augment import view_key
+    from vlm.data.batches import cache_items
+
+    pictures = _shapes(5)
+    messages = [{"role": "user", "content": "<image>\nwhat shape?"}, {"role": "assistant", "content": "triangle"}]
+    records = Records([(f"img{i}", i, messages) for i in range(5)], pictures.__getitem__)
+    train, val = np.arange(4), np.array([4])
+    encoded = []
+
+    def build(augment):
+        def encode(pixels):
+            encoded.append(len(pixels))
+            return tiny_model.image_features(pixels)
+
+        cache = _cache(tiny_model, tmp_path)
+        cache.build(list(cache_items(records, train, val, augment).items()), encode, tiny_model.vision.preprocess,
+                    show_progress=False)
+        return cache
+
+    augment = _augment()
+    cache = build(augment)
+    assert sum(encoded) == 4 * 3 + 1  # three views of each training image, the held-out image as it is
+    assert "img4" in cache and "img0" not in cache
+    views = cache.get([view_key("img0", augment, v) for v in range(3)]).float()
+    original = tiny_model.image_features(tiny_model.vision.preprocess(pictures[:1]))
+    for i in range(3):
+        assert not torch.allclose(views[i], original[0], atol=1e-2)
+        assert all(not torch.allclose(views[i], views[j], atol=1e-2) for j in range(i + 1, 3))
+
+    encoded.clear()
+    build(augment)
+    assert encoded == []  # every view reused
+    build(_augment(views=4))
+    assert sum(encoded) == 4  # view 2 of four is view 2 of three: only the fourth views are new
+    encoded.clear()
+    build(_augment(rotate=30.0))
+    assert sum(encoded) == 4 * 3  # other settings draw other views, under other keys
+    assert view_key("img0", _augment(rotate=30.0), 0) != view_key("img0", augment, 0)
+
+
+def test_each_epoch_reads_another_view_with_the_same_tokens_and_validation_reads_the_original(tiny_model, tmp_path):
+    from vlm.data.batches import cache_items
+    from vlm.processor import IGNORE_INDEX
+
+    pictures = _shapes(6)
+    messages = [{"role": "user", "content": "<image>\nwhat shape?"}, {"role": "assistant", "content": "rectangle"}]
+    records = Records([(f"img{i}", i, messages) for i in range(6)], pictures.__getitem__)
+    train, val = np.arange(5), np.array([5])
+    augment = _augment()
+    cache = _cache(tiny_model, tmp_path)
+    _build(cache, tiny_model, list(cache_items(records, train, val, augment).items()))
+    collator = Collator(tiny_model.processor, cache)
+    plain = ConversationDataset(TokenizedExamples(records, train, tiny_model.processor, max_length=128))
+    viewed = ConversationDataset(plain.examples, cache, augment)
+    uncached = ConversationDataset(plain.examples, None, augment)
+    sampler = LengthGroupedBatchSampler(viewed, 5, seed=0, views=augment.views)
+
+    def epoch(e, dataset):
+        sampler.set_position(e)
+        (batch,) = list(sampler)
+        assert [view for _, view in batch] == [e % 3] * 5
+        return collator([dataset[item] for item in sorted(batch)])
+
+    batches = [epoch(e, viewed) for e in range(4)]
+    unaugmented = collator([plain[i] for i in range(5)])
+    originals = tiny_model.image_features(unaugmented["pixel_values"])
+    for batch in batches:
+        assert torch.equal(batch["input_ids"], unaugmented["input_ids"])
+        assert torch.equal(batch["labels"], unaugmented["labels"])
+        assert not torch.allclose(batch["image_features"].float(), originals, atol=1e-2)
+    answers = unaugmented["labels"][unaugmented["labels"] != IGNORE_INDEX]
+    assert "rectangle" in tiny_model.processor.tokenizer.decode(answers)
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not torch.equal(batches[a]["image_features"], batches[b]["image_features"])
+    assert torch.equal(batches[3]["image_features"], batches[0]["image_features"])  # three views, then again
+    # Without the cache the same view is drawn on the fly.
+    pixels = epoch(1, uncached)["pixel_values"]
+    torch.testing.assert_close(tiny_model.image_features(pixels).to(torch.float16), batches[1]["image_features"],
+                               atol=2e-3, rtol=2e-3)
+    validation = ConversationDataset(TokenizedExamples(records, val, tiny_model.processor, max_length=128), cache)
+    torch.testing.assert_close(collator([validation[0]])["image_features"].float(),
+                               tiny_model.image_features(tiny_model.vision.preprocess(pictures[5:])),
+                               atol=2e-3, rtol=2e-3)
+
+
+def test_a_stage_caches_only_the_views_its_epochs_read():
+    from vlm.config import StageConfig
+    from vlm.data.batches import stage_augment
+
+    augment = _augment(views=4)
+    assert stage_augment(_augment(views=0), StageConfig(epochs=3), 10) is None
+    assert stage_augment(augment, StageConfig(epochs=2), 10).views == 2
+    assert stage_augment(augment, StageConfig(epochs=1.5), 10).views == 2
+    assert stage_augment(augment, StageConfig(epochs=9), 10).views == 4
+    assert stage_augment(augment, StageConfig(max_steps=21, grad_accum=2), 10).views == 4  # 5 steps an epoch
+    assert stage_augment(augment, StageConfig(max_steps=11, grad_accum=2), 10).views == 3
+
+
 # ---- any JSON a LLaVA file can hold ---------------------------------------------------------------
 
 # Markers, one that is left when the marker inside it is removed, control tokens, a lone surrogate

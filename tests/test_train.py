@@ -390,3 +390,18 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path, tiny_mo
         f"vlm train: refused to load {optimizer_file}: it holds more than plain tensors, and loading it could run "
         "code; delete that checkpoint folder to resume from an earlier one, or start over in a new train.output_dir"
     )
+
+
+def test_augmented_training_caches_a_view_per_epoch_and_validates_on_the_originals(tmp_path, tiny_model_config,
+                                                                                   llava_data, capsys):
+    config = write_config(tmp_path, tiny_model_config, llava_data, stage="align")
+    assert run_training(config, ["data.cache=on", "data.augment.views=3", "train.align.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "data.augment: 3 views of each training image" in out and "46 images to encode" in out
+    (keys_file,) = (tmp_path / "cache").glob("*/shard-*.json")
+    keys = json.loads(keys_file.read_text())["keys"]
+    views = [k for k in keys if "#aug-" in k]
+    # Two epochs read two of the three views of each of the 22 training images; the 2 held-out images as they are.
+    assert len(views) == 2 * 22 and {k[-2:] for k in views} == {"-0", "-1"}
+    assert len(keys) - len(views) == 2 and not any(k.split("#")[0] in keys for k in views)
+    assert [r["val_loss"] for r in rows(tmp_path / "run") if "val_loss" in r]

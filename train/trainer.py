@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, send_to_device, set_seed
@@ -20,16 +21,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vlm.config import Config, ConfigError, StageConfig, load_config, to_dict
+from vlm.config import AugmentConfig, Config, ConfigError, StageConfig, load_config, to_dict
 from vlm.data.batches import (
     Collator,
     ConversationDataset,
     LengthGroupedBatchSampler,
     SkipCounter,
     TokenizedExamples,
+    cache_items,
     default_workers,
     optimizer_steps,
     split_holdout,
+    stage_augment,
 )
 from vlm.data.check import stop_on_fatal_findings
 from vlm.data.feature_cache import FeatureCache, ensure_fits, feature_spec
@@ -137,11 +140,17 @@ def open_feature_cache(config: Config, model: VisionLanguageModel, records: dict
                        accelerator: Accelerator) -> FeatureCache | None:
     """The feature cache, or None where data.cache says so or (auto) where it would not pay or fit."""
     announce = print if accelerator.is_main_process else (lambda *_: None)
+    augment = config.data.augment
+    if augment.views:
+        announce(f"data.augment: {augment.views} views of each training image, epoch e reading view e mod "
+                 f"{augment.views}; held-out images as they are")
     if config.data.cache == "off":
         return None
-    keys = {name: {k for k in r.keys() if k} for name, r in records.items()}
+    keys = {name: set(cache_items(r, *stage_images(config, name, r, accelerator.num_processes)))
+            for name, r in records.items()}
     if config.data.cache == "auto":
-        several_epochs = [n for n in records if getattr(config.train, n).epochs > 1]
+        # A cached image pays when a later epoch reads it again: under data.augment, not before epoch `views`.
+        several_epochs = [n for n in records if getattr(config.train, n).epochs > max(1, augment.views)]
         shared = len(keys) == 2 and not keys["align"].isdisjoint(keys["instruct"])
         if not several_epochs and not shared:
             announce("feature cache off: every image is read once (one epoch, no image in both stages); "
@@ -156,6 +165,15 @@ def open_feature_cache(config: Config, model: VisionLanguageModel, records: dict
             return None
     ensure_fits(cache, wanted, config.data.cache_max_gb, announce)
     return cache
+
+
+def stage_images(config: Config, name: str, records: Records, processes: int
+                 ) -> tuple[np.ndarray, np.ndarray, AugmentConfig | None]:
+    """The stage's training and held-out record indices, and the augmentation its training images get."""
+    stage: StageConfig = getattr(config.train, name)
+    train_indices, val_indices = split_holdout(records, config.data.val_fraction, config.train.seed)
+    batches = len(LengthGroupedBatchSampler(train_indices, stage.batch_size, config.train.seed, 0, processes))
+    return train_indices, val_indices, stage_augment(config.data.augment, stage, batches)
 
 
 def check_config(config: Config, stages: list[str]) -> None:
@@ -279,25 +297,26 @@ def build_data(run: Run, name: str, records: Records, stage: StageConfig, pad_to
                ) -> StageData:
     """The stage's examples, split into training and held-out images, encoded, their features cached, and loaders."""
     config, accelerator, model = run.config, run.accelerator, run.model
-    train_indices, val_indices = split_holdout(records, config.data.val_fraction, config.train.seed)
+    train_indices, val_indices, augment = stage_images(config, name, records, accelerator.num_processes)
     workers = config.data.num_workers
     if workers is None:
         workers = default_workers(accelerator.device, accelerator.num_processes)
     if run.cache is not None:
         # Each process encodes its share; then every process sees every shard.
-        run.cache.build([(e.key, e.load) for e in records if e.load], model.image_features,
+        run.cache.build(list(cache_items(records, train_indices, val_indices, augment).items()), model.image_features,
                         model.vision.preprocess, device=accelerator.device, num_workers=workers,
                         rank=accelerator.process_index, world_size=accelerator.num_processes,
                         show_progress=accelerator.is_local_main_process)
         accelerator.wait_for_everyone()
         run.cache.refresh()
     train = ConversationDataset(TokenizedExamples(records, train_indices, model.processor, config.data.max_length),
-                                run.cache)
+                                run.cache, augment)
+    # Validation loss is measured on the held-out images as they are.
     val = ConversationDataset(TokenizedExamples(records, val_indices, model.processor, config.data.max_length),
                               run.cache)
     collator = Collator(model.processor, run.cache, pad_to_multiple_of)
-    sampler = LengthGroupedBatchSampler(train, stage.batch_size, config.train.seed,
-                                        accelerator.process_index, accelerator.num_processes)
+    sampler = LengthGroupedBatchSampler(train, stage.batch_size, config.train.seed, accelerator.process_index,
+                                        accelerator.num_processes, views=augment.views if augment else 0)
     pin = accelerator.device.type == "cuda"
     # Persistent workers: forking them again every epoch would cost seconds of idle GPU each time.
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=collator, num_workers=workers, pin_memory=pin,

@@ -86,6 +86,32 @@ class DataSource:
     limit: int = 0  # 0 = all records
 
 
+@dataclass(frozen=True)  # hashable: the feature cache keys views by these settings
+class AugmentConfig:
+    """Training pictures seen a new way each epoch (vlm/data/augment.py): changes that keep answers about
+    shapes and colours true (easy-VQA's questions), not answers about left and right, text or counts."""
+
+    views: int = 0  # views per training image, epoch e reads view e mod views; 0 = off
+    rotate: float = 180.0  # degrees either way
+    flip: bool = True  # mirror left-right and upside-down, each half the time
+    scale: float = 0.3  # size times [1 - scale, 1 + scale], shrunk further where the content would leave the frame
+    aspect: float = 0.25  # width / height times [1 / (1 + aspect), 1 + aspect]
+    shift: float = 0.5  # the content moves up to this fraction of the frame, never out of it
+    color: float = 0.1  # brightness, contrast and saturation times [1 - color, 1 + color]; hue never changes
+    blur: float = 1.0  # Gaussian blur of up to this radius, in pixels of the source image
+    noise: float = 0.02  # pixel noise of up to this standard deviation, as a fraction of the 0-255 range
+
+    def __post_init__(self):
+        # (lowest, highest): beyond these a view can change what the answers describe.
+        limits = {"views": (0, None), "rotate": (0, 180), "scale": (0, 0.9), "aspect": (0, 1), "shift": (0, 1),
+                  "color": (0, 0.2), "blur": (0, 3), "noise": (0, 0.1)}
+        for key, (low, high) in limits.items():
+            value = getattr(self, key)
+            if value < low or (high is not None and value > high):
+                bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+                raise ConfigError(f"data.augment.{key}={value!r} is out of range; use a value {bounds}")
+
+
 @dataclass
 class DataConfig:
     align: DataSource = field(default_factory=DataSource)
@@ -101,6 +127,7 @@ class DataConfig:
     cache: Literal["auto", "on", "off"] = "auto"
     cache_dir: str | None = None  # None = <user cache>/vlm/features
     cache_max_gb: float = 0.0  # 0 = no limit but the free disk
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # off unless augment.views is set
 
 
 @dataclass

@@ -9,17 +9,22 @@ dropped from its batch and reported in the batch's "skipped" list, never a crash
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import multiprocessing
 import os
 import random
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from vlm.config import StageConfig
+from vlm.config import AugmentConfig, StageConfig
+from vlm.data.augment import view_key, view_loader
 from vlm.data.feature_cache import FeatureCache
 from vlm.data.sources import Records
 from vlm.images import ImageError
@@ -106,13 +111,25 @@ def default_workers(device, processes: int = 1) -> int:
 
 
 class ConversationDataset(Dataset):
-    """Items for the Collator: encoded tokens, and where the image comes from (cache row or file)."""
+    """Items for the Collator: encoded tokens, and where the image comes from (cache row or file).
 
-    def __init__(self, examples: TokenizedExamples, cache: FeatureCache | None = None):
+    Under `augment` an item is asked for as (index, view), as LengthGroupedBatchSampler gives it, and
+    brings that view of its image; without, as a plain index, with the image as it is.
+    """
+
+    def __init__(self, examples: TokenizedExamples, cache: FeatureCache | None = None,
+                 augment: AugmentConfig | None = None):
         self.examples = examples
         self.cache = cache
-        # (shard, row) per example in plain arrays: workers read them without touching Python objects.
-        self.locations = cache.locate([examples.records.key(int(i)) for i in examples.indices]) if cache else None
+        self.augment = augment
+        keys = [examples.records.key(int(i)) for i in examples.indices]
+        # (shard, row) per example (and view) in plain arrays: workers read them without touching Python objects.
+        self.locations = None
+        if cache and augment:
+            self.locations = np.stack([cache.locate([view_key(k, augment, v) for k in keys])
+                                       for v in range(augment.views)], axis=1)
+        elif cache:
+            self.locations = cache.locate(keys)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -120,18 +137,22 @@ class ConversationDataset(Dataset):
     def length(self, index: int) -> int:
         return self.examples.length(index)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        index, view = index if self.augment else (index, None)
         reason = REASONS[self.examples.reasons[index]]
         item = {"index": index, "reason": reason or None, "encoded": None, "image": None, "location": None}
         if reason:
             return item
         item["encoded"] = self.examples.encoded(index)
         record = int(self.examples.indices[index])
-        if self.examples.records.key(record):  # has an image
+        key = self.examples.records.key(record)
+        if key:  # has an image
             if self.locations is not None:
-                item["location"] = self.locations[index]
-            else:
+                item["location"] = self.locations[index] if view is None else self.locations[index, view]
+            elif view is None:
                 item["image"] = self.examples.records[record].load
+            else:
+                item["image"] = view_loader(self.examples.records[record].load, key, self.augment, view)
         return item
 
 
@@ -200,9 +221,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     in accelerate's dataloader wrapper, keeps that position under our control on every process.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, megabatch: int = 50):
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, megabatch: int = 50,
+                 views: int = 0):
         self.dataset, self.batch_size, self.seed, self.megabatch = dataset, batch_size, seed, megabatch
         self.rank, self.world_size = rank, world_size
+        self.views = views  # > 0: each index comes as (index, view), epoch e reading view e mod views
         self.epoch, self.skip = 0, 0
 
     def set_position(self, epoch: int, skip_batches: int = 0) -> None:
@@ -222,8 +245,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             chunk = sorted(order[start: start + span], key=self.dataset.length, reverse=True)
             batches += [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
-        mine = batches[self.rank: len(self) * self.world_size: self.world_size]
-        return iter(mine[self.skip:])
+        mine = batches[self.rank: len(self) * self.world_size: self.world_size][self.skip:]
+        if self.views:
+            mine = [[(i, self.epoch % self.views) for i in batch] for batch in mine]
+        return iter(mine)
 
 
 def split_holdout(records: Records, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +260,42 @@ def split_holdout(records: Records, fraction: float, seed: int) -> tuple[np.ndar
     held = set(keys[: int(len(keys) * fraction)])
     is_held = np.array([g in held for g in groups], dtype=bool)
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def cache_items(records: Records, train_indices, val_indices, augment: AugmentConfig | None
+                ) -> dict[str, Callable[[], Image.Image]]:
+    """What a stage reads from the feature cache, cache key -> image loader: the held-out images as they
+    are, and the training images as they are or, under `augment`, as their first `augment.views` views."""
+    items = {}
+    for index in map(int, val_indices):
+        key = records.key(index)
+        if key:
+            items.setdefault(key, functools.partial(_record_image, records, index))
+    for index in map(int, train_indices):
+        key = records.key(index)
+        if not key:
+            continue
+        load = functools.partial(_record_image, records, index)  # the record is parsed only when its image opens
+        if augment is None:
+            items.setdefault(key, load)
+        else:
+            for view in range(augment.views):
+                items.setdefault(view_key(key, augment, view), view_loader(load, key, augment, view))
+    return items
+
+
+def _record_image(records: Records, index: int) -> Image.Image:
+    return records[index].load()
+
+
+def stage_augment(augment: AugmentConfig, stage: StageConfig, batches_per_epoch: int) -> AugmentConfig | None:
+    """A stage's augmentation: data.augment with its views cut to the epochs the stage starts, since
+    epoch e reads view e mod views and a stage of fewer epochs never reads the rest; None when off."""
+    if not augment.views:
+        return None
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / stage.grad_accum))
+    epochs = math.ceil(optimizer_steps(stage, batches_per_epoch) / steps_per_epoch)
+    return dataclasses.replace(augment, views=min(augment.views, epochs))
 
 
 def optimizer_steps(stage: StageConfig, batches_per_epoch: int) -> int:

@@ -2,8 +2,9 @@
 
 What is stored is what the trainable part first reads: the frozen tower's features after the
 projector's parameter-free token compression (with `compress: pool`, 64 pooled tokens instead of
-ViT-L/336's 577). Training applies no augmentation to a cached image, so its features never
-change; computing them once turns every later epoch into LM-only work.
+ViT-L/336's 577). A cached image's features never change, so computing them once turns every later
+epoch into LM-only work; under data.augment each view of an image is an image of its own, cached
+under a key naming the augmentation settings and the view (vlm/data/augment.py).
 
 Layout under `<root>/<digest of the identity>/`:
   identity.txt               what the features are (tower, weights, layer, preprocessing, compression, dtype)

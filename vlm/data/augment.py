@@ -1,0 +1,95 @@
+"""Views of a training picture that keep every answer about it true, for data like easy-VQA's.
+
+A model trained on easy-VQA's pictures alone (one shape, upright, on white, in exact colours) fails on
+shapes drawn another way. Each view turns, mirrors, resizes, stretches and moves the picture's content,
+keeping all of it in the frame and filling what it uncovers with the picture's own background, then
+jitters brightness, contrast and saturation a little (never hue, so a colour keeps its name), blurs and
+adds noise. A view is a pure function of (image key, view number, settings): the feature cache stores
+it under `view_key` and a rebuilt cache, or a run without one, sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from vlm.config import AugmentConfig
+
+VERSION = 1  # part of every view's cache key: raise it when the same settings start drawing other views
+# A pixel further than this from the background colour (in any channel) belongs to the content.
+CONTENT_THRESHOLD = 24
+MARGIN = 1.0  # pixels kept between the moved content and the frame's edge
+
+
+@functools.cache  # every example's every view is keyed through here
+def identity(config: AugmentConfig) -> str:
+    """Names the settings a view is drawn with. The number of views is left out: view 2 is the same
+    picture whether a run asks for 4 views or 8."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "views"}
+    return hashlib.sha256(json.dumps([VERSION, settings], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def view_key(key: str, config: AugmentConfig, view: int) -> str:
+    """The feature cache's key for view `view` of the image cached as `key`."""
+    return f"{key}#aug-{identity(config)}-{view}"
+
+
+def view_loader(load: Callable[[], Image.Image], key: str, config: AugmentConfig, view: int
+                ) -> Callable[[], Image.Image]:
+    """`load`, then view `view` of what it opened (picklable, for DataLoader workers)."""
+    return functools.partial(_open_view, load, key, config, view)
+
+
+def _open_view(load, key, config, view):
+    return augmented(load(), key, config, view)
+
+
+def augmented(image: Image.Image, key: str, config: AugmentConfig, view: int) -> Image.Image:
+    seed = int.from_bytes(hashlib.sha256(f"{key}\0{view}".encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    image = _moved(image.convert("RGB"), rng, config)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhance(image).enhance(rng.uniform(1 - config.color, 1 + config.color))
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, config.blur)))
+    noise = rng.normal(0, rng.uniform(0, config.noise) * 255, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(np.asarray(image, np.float64) + noise, 0, 255).round().astype(np.uint8))
+
+
+def _moved(image: Image.Image, rng: np.random.Generator, config: AugmentConfig) -> Image.Image:
+    """The content stretched, resized, mirrored and turned about its centre, then moved, all in one resampling."""
+    pixels = np.asarray(image)
+    background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
+    size = np.array([image.width, image.height], np.float64)
+    ys, xs = np.nonzero(np.abs(pixels.astype(np.int16) - background).max(axis=-1) > CONTENT_THRESHOLD)
+    low, high = (np.array([xs.min(), ys.min()]), np.array([xs.max(), ys.max()]) + 1) if len(xs) else (0 * size, size)
+    centre = (low + high) / 2
+
+    aspect = np.sqrt((1 + config.aspect) ** rng.uniform(-1, 1))
+    scale = rng.uniform(1 - config.scale, 1 + config.scale)
+    mirror = np.where(rng.random(2) < 0.5, -1.0, 1.0) if config.flip else np.ones(2)
+    angle = np.deg2rad(rng.uniform(-config.rotate, config.rotate))
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    # Stretched along the picture's own axes first, so a rectangle stays a rectangle once turned.
+    linear = turn @ np.diag(mirror) @ np.diag([scale * aspect, scale / aspect])
+
+    corners = np.array([[low[0], low[1]], [high[0], low[1]], [low[0], high[1]], [high[0], high[1]]]) - centre
+    reach = np.abs(corners @ linear.T).max(axis=0)  # half the moved content's width and height
+    shrink = min(1.0, *((size / 2 - MARGIN) / np.maximum(reach, 1e-6)))
+    linear, reach = linear * shrink, reach * shrink
+    lowest, highest = reach + MARGIN, size - reach - MARGIN  # where the content's centre may go
+    centre_in_frame = np.clip(centre, lowest, highest)
+    target = rng.uniform(np.clip(centre_in_frame - config.shift * size, lowest, highest),
+                         np.clip(centre_in_frame + config.shift * size, lowest, highest))
+
+    # PIL maps each output pixel back to the input: x_in = inverse @ (x_out - target) + centre.
+    inverse = np.linalg.inv(linear)
+    offset = centre - inverse @ target
+    coefficients = (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1], offset[1])
+    return image.transform(image.size, Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BICUBIC,
+                           fillcolor=tuple(int(round(c)) for c in background))
