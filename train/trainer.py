@@ -25,6 +25,7 @@ from vlm.data.batches import (
     Collator,
     ConversationDataset,
     LengthGroupedBatchSampler,
+    PackedBatchSampler,
     SkipCounter,
     TokenizedExamples,
     default_workers,
@@ -231,6 +232,7 @@ def train_stage(run: Run, name: str, records: Records, resume_from: Path | None)
                 data.skipped.add(batch.pop("skipped"))
                 if not batch:
                     continue
+                examples = batch.pop("examples")
                 # Pinned batches copy while the GPU still runs the last step; nothing in the step waits on the GPU.
                 batch = send_to_device(batch, accelerator.device, non_blocking=True)
                 # Accumulation by hand: checkpoints fall on optimizer steps, so a resumed run restarts
@@ -240,7 +242,7 @@ def train_stage(run: Run, name: str, records: Records, resume_from: Path | None)
                 with nullcontext() if sync else accelerator.no_sync(model):
                     loss = model(**batch)["loss"]
                     accelerator.backward(loss / stage.grad_accum)
-                samples = len(batch["input_ids"]) * accelerator.num_processes
+                samples = examples * accelerator.num_processes
                 progress.samples += samples
                 window_samples += samples
                 window_tokens += batch["input_ids"].numel() * accelerator.num_processes
@@ -295,14 +297,21 @@ def build_data(run: Run, name: str, records: Records, stage: StageConfig, pad_to
                                 run.cache)
     val = ConversationDataset(TokenizedExamples(records, val_indices, model.processor, config.data.max_length),
                               run.cache)
-    collator = Collator(model.processor, run.cache, pad_to_multiple_of)
-    sampler = LengthGroupedBatchSampler(train, stage.batch_size, config.train.seed,
-                                        accelerator.process_index, accelerator.num_processes)
+    if stage.packing == "on":
+        # Validation stays padded: its loss is the same either way, and it is a small share of the work.
+        collator = Collator(model.processor, run.cache, pack=(stage.batch_size, config.data.max_length))
+        sampler = PackedBatchSampler(train, stage.batch_size, config.data.max_length, config.train.seed,
+                                     accelerator.process_index, accelerator.num_processes)
+    else:
+        collator = Collator(model.processor, run.cache, pad_to_multiple_of)
+        sampler = LengthGroupedBatchSampler(train, stage.batch_size, config.train.seed,
+                                            accelerator.process_index, accelerator.num_processes)
+    val_collator = Collator(model.processor, run.cache, pad_to_multiple_of)
     pin = accelerator.device.type == "cuda"
     # Persistent workers: forking them again every epoch would cost seconds of idle GPU each time.
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=collator, num_workers=workers, pin_memory=pin,
                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    val_loader = DataLoader(val, batch_size=stage.batch_size, collate_fn=collator, num_workers=min(workers, 2),
+    val_loader = DataLoader(val, batch_size=stage.batch_size, collate_fn=val_collator, num_workers=min(workers, 2),
                             pin_memory=pin)
     return StageData(loader, sampler, val_loader, SkipCounter(), len(records), records.skipped)
 
@@ -334,6 +343,7 @@ def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
     for batch in loader:
         batch.pop("skipped")
         if batch:
+            batch.pop("examples")
             out = model(**batch)
             total += out["loss"] * out["num_tokens"]
             count += out["num_tokens"]

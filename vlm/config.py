@@ -107,8 +107,12 @@ class DataConfig:
 class StageConfig:
     epochs: float = 1.0
     max_steps: int = 0  # 0 = run all epochs
-    batch_size: int = 32
+    batch_size: int = 32  # examples per batch; with packing on, rows of data.max_length tokens
     grad_accum: int = 1
+    # on: pack whole examples into rows of data.max_length tokens, each attending only to itself, instead
+    # of padding each batch to its longest example; what varied lengths would spend on padding goes to
+    # real tokens, and every batch has one shape (one CUDA graph). See PackedBatchSampler.
+    packing: Literal["off", "on"] = "off"
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
