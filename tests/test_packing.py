@@ -25,17 +25,21 @@ def encoded(model) -> tuple[list[Encoded], list[bool]]:
     return [model.processor.encode(c) for c, _ in CONVERSATIONS], [has for _, has in CONVERSATIONS]
 
 
+def pixels(model, images, has_image: list[bool]) -> torch.Tensor:
+    return model.processor.image_transform([im for im, has in zip(images, has_image, strict=True) if has])
+
+
 def packed_batch(model, examples: list[Encoded], has_image: list[bool], images, rows: int, length: int) -> dict:
     batch = model.processor.pack(examples, rows, length)
     batch.update(model.processor.training_positions(batch))
-    batch["pixel_values"] = model.processor.image_transform([im for im, has in zip(images, has_image) if has])
+    batch["pixel_values"] = pixels(model, images, has_image)
     return batch
 
 
 def padded_batch(model, examples: list[Encoded], has_image: list[bool], images) -> dict:
     batch = model.processor.pad(examples)
     if any(has_image):
-        batch["pixel_values"] = model.processor.image_transform([im for im, has in zip(images, has_image) if has])
+        batch["pixel_values"] = pixels(model, images, has_image)
     return batch
 
 

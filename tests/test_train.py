@@ -390,3 +390,44 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path, tiny_mo
         f"vlm train: refused to load {optimizer_file}: it holds more than plain tensors, and loading it could run "
         "code; delete that checkpoint folder to resume from an earlier one, or start over in a new train.output_dir"
     )
+
+
+def test_a_packed_stage_resumed_mid_epoch_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_config,
+                                                                               llava_data, monkeypatch):
+    import vlm.train.trainer as trainer
+
+    # Rows of 128 tokens hold about two examples; two rows a batch leave each epoch several batches.
+    args = ["train.instruct.packing=on", "train.instruct.batch_size=2", "data.max_length=128",
+            "train.save_every=2", "train.eval_every=1000"]
+    save_checkpoint, build_data = trainer.save_checkpoint, trainer.build_data
+    batches_per_epoch = []
+
+    def recording(*args, **kwargs):
+        data = build_data(*args, **kwargs)
+        batches_per_epoch.append(len(data.sampler))
+        return data
+
+    def save_then_die(output_dir, model, optimizer, scheduler, progress, keep_last):
+        save_checkpoint(output_dir, model, optimizer, scheduler, progress, keep_last)
+        assert 0 < progress.batches_in_epoch < batches_per_epoch[-1]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_data", recording)
+    finals = {}
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+        config = write_config(tmp_path / name, tiny_model_config, llava_data, stage="instruct")
+        if name == "killed":
+            monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+            with pytest.raises(KeyboardInterrupt):
+                run_training(config, args)
+            monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+            assert run_training(config, args, resume=True) == 0
+        else:
+            assert run_training(config, args) == 0
+        finals[name] = load_file(tmp_path / name / "run" / "final" / "projector.safetensors")
+    report = json.loads((tmp_path / "straight" / "run" / "report.json").read_text())
+    # Samples count examples, not rows: three epochs of the 22 training records whose image opens.
+    assert report["stages"]["instruct"]["samples"] == 3 * 22 and batches_per_epoch[0] * 2 > 22
+    for key in finals["straight"]:
+        torch.testing.assert_close(finals["killed"][key], finals["straight"][key], rtol=1e-5, atol=1e-6)
