@@ -170,6 +170,9 @@ def check_config(config: Config, stages: list[str]) -> None:
                 raise ConfigError(f"train.{name}.{key} must be at least 1")
         if stage.epochs <= 0 and stage.max_steps <= 0:
             raise ConfigError(f"train.{name}: set epochs > 0 or max_steps > 0")
+        if stage.pack_length and stage.pack_length < config.data.max_length:
+            raise ConfigError(f"train.{name}.pack_length={stage.pack_length} is shorter than data.max_length="
+                              f"{config.data.max_length}, the longest example; set it to 0 (= max_length) or more")
         check_source(getattr(config.data, name), name)
     if not 0 <= config.data.val_fraction < 1:
         raise ConfigError("data.val_fraction must be in [0, 1)")
@@ -299,8 +302,9 @@ def build_data(run: Run, name: str, records: Records, stage: StageConfig, pad_to
                               run.cache)
     if stage.packing == "on":
         # Validation stays padded: its loss is the same either way, and it is a small share of the work.
-        collator = Collator(model.processor, run.cache, pack=(stage.batch_size, config.data.max_length))
-        sampler = PackedBatchSampler(train, stage.batch_size, config.data.max_length, config.train.seed,
+        length = stage.pack_length or config.data.max_length
+        collator = Collator(model.processor, run.cache, pack=(stage.batch_size, length))
+        sampler = PackedBatchSampler(train, stage.batch_size, length, config.train.seed,
                                      accelerator.process_index, accelerator.num_processes)
     else:
         collator = Collator(model.processor, run.cache, pad_to_multiple_of)
