@@ -72,7 +72,7 @@ class VisionLanguageModel(nn.Module):
         feature layer, and a replay of the shared block graph overwrites them.
 
         A graph is recorded per batch shape, so training batches pad their length to a multiple of
-        PAD_MULTIPLE_COMPILED. Generation runs the blocks eagerly: its KV-cache shapes change at
+        PAD_MULTIPLE_COMPILED; packed batches (VLMProcessor.pack) have one shape. Generation runs the blocks eagerly: its KV-cache shapes change at
         every step. Call this after adding LoRA.
         """
         # One compiled frame serves the blocks of both towers, with and without grad, before and after
