@@ -72,8 +72,8 @@ class VisionLanguageModel(nn.Module):
         feature layer, and a replay of the shared block graph overwrites them.
 
         A graph is recorded per batch shape, so training batches pad their length to a multiple of
-        PAD_MULTIPLE_COMPILED; packed batches (VLMProcessor.pack) have one shape. Generation runs the blocks eagerly: its KV-cache shapes change at
-        every step. Call this after adding LoRA.
+        PAD_MULTIPLE_COMPILED; packed batches (VLMProcessor.pack) have one shape. Generation runs the
+        blocks eagerly: its KV-cache shapes change at every step. Call this after adding LoRA.
         """
         # One compiled frame serves the blocks of both towers, with and without grad, before and after
         # LoRA, at several shapes. Past dynamo's default of 8 variants it silently runs the rest eagerly
