@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from benchmarks import eval_throughput, train_throughput
+from benchmarks import eval_throughput, packing_throughput, train_throughput
 from benchmarks.common import _cell, against_references
 
 LLAVA, LLAVA_COMPILED, VLM_EAGER = "llava (transformers)", "llava compiled (transformers)", "vlm eager"
@@ -182,3 +183,28 @@ def test_eval_throughput_preset_sets_the_shape_and_flags_override_it():
     assert (args.vision, args.lm, args.image_side, args.batches, args.new_tokens) == (
         "efficientnet-lite0", "smollm2-135m", 64, [64], 8)
     assert eval_throughput.parse_args([]).vision == "vit-l14-336"
+
+
+def test_packing_throughput_states_padded_and_packed_vlm_against_llava_on_the_same_supervised_tokens(
+        tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    packing_throughput.main(["--tiny", "--examples", "24", "--device", "cpu", "--systems", "llava", "vlm packed",
+                             "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [row["system"] for row in rows] == [LLAVA, "vlm packed", "vlm packed + feature cache"]
+    assert len({row["supervised"] for row in rows}) == 1 and len({row["real"] for row in rows}) == 1
+    packed = find(rows, system="vlm packed")
+    assert packed["batches"] < rows[0]["batches"]  # rows of several examples: fewer, fuller batches
+    ratio_table = tables(capsys.readouterr().out)[-1]
+    assert list(ratio_table[0]) == ["system", "tokens/s vs llava", "supervised tokens/s vs llava",
+                                    "peak memory vs llava"]
+    for row in rows[1:]:
+        ratio = find(ratio_table, system=row["system"])
+        assert_ratio(ratio["tokens/s vs llava"], row["tokens/s"], rows[0]["tokens/s"])
+        assert_ratio(ratio["supervised tokens/s vs llava"], row["supervised tokens/s"], rows[0]["supervised tokens/s"])
+
+
+def test_packing_benchmark_lengths_have_the_665k_mix_percentiles():
+    words = packing_throughput.text_lengths(20_000, scale=1.0) * packing_throughput.WORDS_PER_TOKEN
+    for q, expected in ((10, 48), (50, 143), (90, 403), (99, 772)):
+        assert abs(np.percentile(words, q) / expected - 1) < 0.05

@@ -138,6 +138,8 @@ def test_compiled_run_learns_what_the_eager_run_learns(tmp_path, tiny_model_conf
     ("data.align.path=/no/such.json", "data.align.path"),
     ("data.instruct.image_root=/no/such/dir", "data.instruct.image_root"),
     ("train.instruct.train_lm=half", "train.instruct.train_lm"),
+    ("train.instruct.packing=always", "train.instruct.packing='always' is not an option"),
+    ("train.instruct.pack_length=100", "train.instruct.pack_length=100 is shorter than data.max_length=256"),
 ])
 def test_bad_config_stops_before_any_model_loads(
     tmp_path, tiny_model_config, llava_data, monkeypatch, override, message
@@ -405,3 +407,45 @@ def test_augmented_training_caches_a_view_per_epoch_and_validates_on_the_origina
     assert len(views) == 2 * 22 and {k[-2:] for k in views} == {"-0", "-1"}
     assert len(keys) - len(views) == 2 and not any(k.split("#")[0] in keys for k in views)
     assert [r["val_loss"] for r in rows(tmp_path / "run") if "val_loss" in r]
+
+
+def test_a_packed_stage_resumed_mid_epoch_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_config,
+                                                                               llava_data, monkeypatch):
+    import vlm.train.trainer as trainer
+
+    # Two rows of 160 tokens a batch, each of one or two examples, leave each epoch several batches.
+    args = ["train.instruct.packing=on", "train.instruct.batch_size=2", "data.max_length=128",
+            "train.instruct.pack_length=160",
+            "train.save_every=2", "train.eval_every=1000"]
+    save_checkpoint, build_data = trainer.save_checkpoint, trainer.build_data
+    batches_per_epoch = []
+
+    def recording(*args, **kwargs):
+        data = build_data(*args, **kwargs)
+        batches_per_epoch.append(len(data.sampler))
+        return data
+
+    def save_then_die(output_dir, model, optimizer, scheduler, progress, keep_last):
+        save_checkpoint(output_dir, model, optimizer, scheduler, progress, keep_last)
+        assert 0 < progress.batches_in_epoch < batches_per_epoch[-1]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_data", recording)
+    finals = {}
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+        config = write_config(tmp_path / name, tiny_model_config, llava_data, stage="instruct")
+        if name == "killed":
+            monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+            with pytest.raises(KeyboardInterrupt):
+                run_training(config, args)
+            monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+            assert run_training(config, args, resume=True) == 0
+        else:
+            assert run_training(config, args) == 0
+        finals[name] = load_file(tmp_path / name / "run" / "final" / "projector.safetensors")
+    report = json.loads((tmp_path / "straight" / "run" / "report.json").read_text())
+    # Samples count examples, not rows: three epochs of the 22 training records whose image opens.
+    assert report["stages"]["instruct"]["samples"] == 3 * 22 and batches_per_epoch[0] * 2 < 22
+    for key in finals["straight"]:
+        torch.testing.assert_close(finals["killed"][key], finals["straight"][key], rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ from vlm.data.batches import (
     Collator,
     ConversationDataset,
     LengthGroupedBatchSampler,
+    PackedBatchSampler,
     SkipCounter,
     TokenizedExamples,
     cache_items,
@@ -187,6 +188,9 @@ def check_config(config: Config, stages: list[str]) -> None:
                 raise ConfigError(f"train.{name}.{key} must be at least 1")
         if stage.epochs <= 0 and stage.max_steps <= 0:
             raise ConfigError(f"train.{name}: set epochs > 0 or max_steps > 0")
+        if stage.pack_length and stage.pack_length < config.data.max_length:
+            raise ConfigError(f"train.{name}.pack_length={stage.pack_length} is shorter than data.max_length="
+                              f"{config.data.max_length}, the longest example; set it to 0 (= max_length) or more")
         check_source(getattr(config.data, name), name)
     if not 0 <= config.data.val_fraction < 1:
         raise ConfigError("data.val_fraction must be in [0, 1)")
@@ -249,6 +253,7 @@ def train_stage(run: Run, name: str, records: Records, resume_from: Path | None)
                 data.skipped.add(batch.pop("skipped"))
                 if not batch:
                     continue
+                examples = batch.pop("examples")
                 # Pinned batches copy while the GPU still runs the last step; nothing in the step waits on the GPU.
                 batch = send_to_device(batch, accelerator.device, non_blocking=True)
                 # Accumulation by hand: checkpoints fall on optimizer steps, so a resumed run restarts
@@ -258,7 +263,7 @@ def train_stage(run: Run, name: str, records: Records, resume_from: Path | None)
                 with nullcontext() if sync else accelerator.no_sync(model):
                     loss = model(**batch)["loss"]
                     accelerator.backward(loss / stage.grad_accum)
-                samples = len(batch["input_ids"]) * accelerator.num_processes
+                samples = examples * accelerator.num_processes
                 progress.samples += samples
                 window_samples += samples
                 window_tokens += batch["input_ids"].numel() * accelerator.num_processes
@@ -314,14 +319,23 @@ def build_data(run: Run, name: str, records: Records, stage: StageConfig, pad_to
     # Validation loss is measured on the held-out images as they are.
     val = ConversationDataset(TokenizedExamples(records, val_indices, model.processor, config.data.max_length),
                               run.cache)
-    collator = Collator(model.processor, run.cache, pad_to_multiple_of)
-    sampler = LengthGroupedBatchSampler(train, stage.batch_size, config.train.seed, accelerator.process_index,
-                                        accelerator.num_processes, views=augment.views if augment else 0)
+    views = augment.views if augment else 0
+    if stage.packing == "on":
+        # Validation stays padded: its loss is the same either way, and it is a small share of the work.
+        length = stage.pack_length or config.data.max_length
+        collator = Collator(model.processor, run.cache, pack=(stage.batch_size, length))
+        sampler = PackedBatchSampler(train, stage.batch_size, length, config.train.seed,
+                                     accelerator.process_index, accelerator.num_processes, views=views)
+    else:
+        collator = Collator(model.processor, run.cache, pad_to_multiple_of)
+        sampler = LengthGroupedBatchSampler(train, stage.batch_size, config.train.seed,
+                                            accelerator.process_index, accelerator.num_processes, views=views)
+    val_collator = Collator(model.processor, run.cache, pad_to_multiple_of)
     pin = accelerator.device.type == "cuda"
     # Persistent workers: forking them again every epoch would cost seconds of idle GPU each time.
     loader = DataLoader(train, batch_sampler=sampler, collate_fn=collator, num_workers=workers, pin_memory=pin,
                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    val_loader = DataLoader(val, batch_size=stage.batch_size, collate_fn=collator, num_workers=min(workers, 2),
+    val_loader = DataLoader(val, batch_size=stage.batch_size, collate_fn=val_collator, num_workers=min(workers, 2),
                             pin_memory=pin)
     return StageData(loader, sampler, val_loader, SkipCounter(), len(records), records.skipped)
 
@@ -353,6 +367,7 @@ def evaluate_loss(model, loader, accelerator: Accelerator) -> float:
     for batch in loader:
         batch.pop("skipped")
         if batch:
+            batch.pop("examples")
             out = model(**batch)
             total += out["loss"] * out["num_tokens"]
             count += out["num_tokens"]

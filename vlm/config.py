@@ -134,8 +134,13 @@ class DataConfig:
 class StageConfig:
     epochs: float = 1.0
     max_steps: int = 0  # 0 = run all epochs
-    batch_size: int = 32
+    batch_size: int = 32  # examples per batch; with packing on, rows of pack_length tokens
     grad_accum: int = 1
+    # on: pack whole examples into rows of pack_length tokens, each attending only to itself, instead of
+    # padding each batch to its longest example; every batch has one shape (one CUDA graph). See
+    # PackedBatchSampler. Rows of several max_length fill better: examples of most of a row leave gaps.
+    packing: Literal["off", "on"] = "off"
+    pack_length: int = 0  # tokens per packed row, at least data.max_length; 0 = data.max_length
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03

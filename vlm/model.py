@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from threading import Thread
 from typing import TYPE_CHECKING
@@ -52,6 +53,8 @@ class VisionLanguageModel(nn.Module):
         # decoding on each caller's thread (the demo starts one per answer) would record them all again.
         self._caches: dict[tuple, object] = {}
         self._decoder: ThreadPoolExecutor | None = None
+        # How packed rows attend (packed_attention_mask): "flex" or "sdpa"; None picks by device.
+        self.packed_attention: str | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> VisionLanguageModel:
@@ -80,9 +83,9 @@ class VisionLanguageModel(nn.Module):
         feature layer, and a replay of the shared block graph overwrites them.
 
         A graph is recorded per batch shape, so training batches pad their length to a multiple of
-        PAD_MULTIPLE_COMPILED. Generation runs these blocks eagerly (a dynamic KV cache changes shape
-        at every step, and prefill lengths vary), and after this call it does not compile decoding
-        either: see generate(). Call this after adding LoRA.
+        PAD_MULTIPLE_COMPILED; packed batches (VLMProcessor.pack) have one shape. Generation runs these
+        blocks eagerly (a dynamic KV cache changes shape at every step, and prefill lengths vary), and after
+        this call it does not compile decoding either: see generate(). Call this after adding LoRA.
         """
         # One compiled frame serves the blocks of both towers, with and without grad, before and after
         # LoRA, at several shapes. Past dynamo's default of 8 variants it silently runs the rest eagerly
@@ -141,15 +144,46 @@ class VisionLanguageModel(nn.Module):
             return embeds
         return embeds.index_put((rows, cols), image_embeds.reshape(expected, -1).to(embeds.dtype))
 
+    def packed_attention_mask(self, position_ids: torch.Tensor):
+        """The attention of rows packed with several examples, each starting at position 0 (VLMProcessor.pack):
+        causal within an example, never across. With "flex" a flex_attention BlockMask, which skips the
+        blocks no query of an example may see; with "sdpa" a [rows, 1, length, length] boolean mask.
+        flex is the default on a GPU; on a CPU flex_attention has no backward pass."""
+        kind = self.packed_attention or ("flex" if position_ids.device.type == "cuda" else "sdpa")
+        sequence = (position_ids == 0).cumsum(-1)
+        if kind == "sdpa":
+            causal = torch.ones(sequence.shape[-1], sequence.shape[-1], dtype=torch.bool, device=sequence.device).tril()
+            return ((sequence[:, :, None] == sequence[:, None, :]) & causal)[:, None]
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_example(batch, head, q, kv):
+            return (sequence[batch, q] == sequence[batch, kv]) & (q >= kv)
+
+        rows, length = sequence.shape
+        return create_block_mask(same_example, rows, None, length, length, device=sequence.device)
+
+    @contextmanager
+    def _attention(self, mask):
+        """The LM's attention implementation for this mask: flex_attention for a BlockMask. The blocks read
+        it at every call (compiled blocks keep a graph for each), so it is set only for this forward."""
+        config = self.lm.config
+        loaded = config._attn_implementation
+        config._attn_implementation = "sdpa" if isinstance(mask, torch.Tensor) else "flex_attention"
+        try:
+            yield
+        finally:
+            config._attn_implementation = loaded
+
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None,
-                supervised_at=None, images_at=None):
+                supervised_at=None, images_at=None, position_ids=None):
         """Without labels: the LM's output with logits everywhere. With labels: {"loss", "num_tokens"}.
 
         The loss applies the LM head only where a label is supervised. Image and prompt tokens,
         most of a VQA sequence, never meet the vocabulary-sized matrix: the LM head of a small LM
         is a fifth of its FLOPs, and full-sequence fp32 logits dominate activation memory.
         `supervised_at` and `images_at` (VLMProcessor.training_positions, computed where the batch
-        was built) spare the step its two waits for the GPU.
+        was built) spare the step its two waits for the GPU. `position_ids` that restart at 0 mark rows
+        packed with several examples (VLMProcessor.pack), which never attend to one another.
         """
         if labels is None:
             embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
@@ -168,11 +202,18 @@ class VisionLanguageModel(nn.Module):
             attention_mask = None
         image_embeds = self.image_embeddings(pixel_values, image_features)
         embeds = self.embed(input_ids, image_embeds, images_at)
+        attention = nullcontext()
+        if position_ids is not None:
+            if attention_mask is not None:
+                raise ValueError("pass position_ids (packed rows) or attention_mask, not both")
+            attention_mask = self.packed_attention_mask(position_ids)
+            attention = self._attention(attention_mask)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done with
-        hidden = self.lm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
+        with attention:
+            hidden = self.lm.get_decoder()(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
         logits = self.lm.get_output_embeddings()(hidden[rows, cols]).float()
         loss = F.cross_entropy(logits, targets[rows, cols])
         if image_embeds is None and torch.is_grad_enabled():

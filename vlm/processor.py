@@ -148,6 +148,32 @@ class VLMProcessor:
         return {"supervised_at": torch.stack(supervised.nonzero(as_tuple=True)),
                 "images_at": torch.stack(images.nonzero(as_tuple=True))}
 
+    def pack(self, batch: list[Encoded], rows: int, length: int) -> dict[str, torch.Tensor]:
+        """Examples laid out in order in `rows` rows of `length` tokens, a new row wherever the next one
+        does not fit; position ids restart at 0 for each example, which is how the model tells them apart
+        (VisionLanguageModel.packed_attention_mask). ValueError if they need more rows."""
+        ids = torch.full((rows, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
+        # Padding at a row's end continues its last example's positions: causal attention keeps it out of
+        # that example's sight, and a position 0 there would only add a sequence.
+        positions = torch.arange(length).repeat(rows, 1)
+        row, col = 0, 0
+        for e in batch:
+            n = len(e.input_ids)
+            if col + n > length:
+                row, col = row + 1, 0
+            if row >= rows or n > length:
+                raise ValueError(f"{len(batch)} examples of {sum(len(e.input_ids) for e in batch)} tokens do not fit "
+                                 f"in {rows} rows of {length} tokens")
+            ids[row, col: col + n] = torch.tensor(e.input_ids)
+            labels[row, col: col + n] = torch.tensor(e.labels)
+            # The token before an example's first belongs to another example. Unpacked, the first label is
+            # never a target (targets are shifted by one); packed, it must not become one either.
+            labels[row, col] = IGNORE_INDEX
+            positions[row, col: col + n] = torch.arange(n)
+            col += n
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
     def pad(self, batch: list[Encoded], padding_side: str = "right", pad_to_multiple_of: int | None = None
             ) -> dict[str, torch.Tensor]:
         """Pad to the longest, rounded up to `pad_to_multiple_of`; left padding for generation so every

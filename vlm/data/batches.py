@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import bisect
 import math
 import multiprocessing
 import os
@@ -157,16 +158,19 @@ class ConversationDataset(Dataset):
 
 
 class Collator:
-    """Pads a batch; reads its cached features in one go per shard, or opens and preprocesses its images.
+    """Pads a batch, or packs it into `pack` = (rows, length) rows (PackedBatchSampler's batches); reads its
+    cached features in one go per shard, or opens and preprocesses its images.
 
     Runs in the DataLoader's workers, so what it skips travels back in the batch ("skipped": a list
-    of (reason, index)) for the main process to count.
+    of (reason, index)) for the main process to count, with the number of examples it holds ("examples").
     """
 
-    def __init__(self, processor: VLMProcessor, cache: FeatureCache | None, pad_to_multiple_of: int | None = None):
+    def __init__(self, processor: VLMProcessor, cache: FeatureCache | None, pad_to_multiple_of: int | None = None,
+                 pack: tuple[int, int] | None = None):
         self.processor = processor
         self.cache = cache
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack = pack
 
     def __call__(self, items: list[dict]) -> dict:
         kept, images, locations, skipped = [], [], [], []
@@ -188,14 +192,18 @@ class Collator:
             kept.append(item["encoded"])
         if not kept:
             return {"skipped": skipped}
-        batch = self.processor.pad(kept, pad_to_multiple_of=self.pad_to_multiple_of)
+        if self.pack:
+            batch = self.processor.pack(kept, *self.pack)
+        else:
+            batch = self.processor.pad(kept, pad_to_multiple_of=self.pad_to_multiple_of)
+            del batch["attention_mask"]  # right padding: causal attention never lets a token see the pads after it
         batch.update(self.processor.training_positions(batch))
-        del batch["attention_mask"]  # right padding: causal attention never lets a token see the pads after it
         if locations:
             batch["image_features"] = self.cache.read(np.stack(locations))
         elif images:
             batch["pixel_values"] = self.processor.image_transform(images)
         batch["skipped"] = skipped
+        batch["examples"] = len(kept)
         return batch
 
 
@@ -236,7 +244,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return -(-len(self.dataset) // self.batch_size) // self.world_size
 
     def __iter__(self):
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        batches = self.batches(self.epoch)
+        mine = batches[self.rank: len(self) * self.world_size: self.world_size][self.skip:]
+        if self.views:
+            mine = [[(i, self.epoch % self.views) for i in batch] for batch in mine]
+        return iter(mine)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every process's batches of the epoch, before sharding."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(len(self.dataset)))
         rng.shuffle(order)
         span = self.batch_size * self.megabatch
@@ -245,10 +261,62 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             chunk = sorted(order[start: start + span], key=self.dataset.length, reverse=True)
             batches += [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
-        mine = batches[self.rank: len(self) * self.world_size: self.world_size][self.skip:]
-        if self.views:
-            mine = [[(i, self.epoch % self.views) for i in batch] for batch in mine]
-        return iter(mine)
+        return batches
+
+
+class PackedBatchSampler(LengthGroupedBatchSampler):
+    """Batches of `batch_size` rows of `length` tokens, each row as many whole examples as fit; shuffled,
+    fixed by seed and epoch, sharded and resumed as LengthGroupedBatchSampler's.
+
+    A batch lists its examples row by row. The Collator lays them out in that order, starting a row
+    wherever the next does not fit, which never takes more rows than listed: each listed row fits a
+    fresh one. The rows are packed best-fit, longest first, from pools of POOL shuffled examples.
+    """
+
+    POOL = 10_000  # examples: enough for rows ~full, few enough for a fast Python packer
+
+    def __init__(self, dataset, batch_size: int, length: int, seed: int, rank: int = 0, world_size: int = 1,
+                 views: int = 0):
+        super().__init__(dataset, batch_size, seed, rank, world_size, views=views)
+        self.length = length
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        """Batches per process in the current epoch (every process gets the same number)."""
+        return len(self.batches(self.epoch)) // self.world_size
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != epoch:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            order = list(range(len(self.dataset)))
+            rng.shuffle(order)
+            rows = []
+            for start in range(0, len(order), self.POOL):
+                rows += pack_rows(order[start: start + self.POOL], self.dataset.length, self.length)
+            rng.shuffle(rows)
+            batches = [sum(rows[i: i + self.batch_size], []) for i in range(0, len(rows), self.batch_size)]
+            self._cached = (epoch, batches)
+        return self._cached[1]
+
+
+def pack_rows(indices: list[int], length_of, length: int) -> list[list[int]]:
+    """`indices` in rows of at most `length` tokens: best fit, longest first (each into the fullest row
+    it fits, else a new row). Ties keep their order, so the rows are a pure function of `indices`."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row), sorted
+    for index in sorted(indices, key=length_of, reverse=True):
+        n = length_of(index)
+        if n > length:
+            raise ValueError(f"example {index} has {n} tokens, more than a row's {length}")
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            left, row = free.pop(at)
+        else:
+            left, row = length, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        bisect.insort(free, (left - n, row))
+    return rows
 
 
 def split_holdout(records: Records, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
