@@ -9,9 +9,9 @@ dropped from its batch and reported in the batch's "skipped" list, never a crash
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
-import bisect
 import math
 import multiprocessing
 import os
