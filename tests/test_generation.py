@@ -75,6 +75,18 @@ def test_the_cpu_default_is_the_dynamic_cache_and_bad_settings_are_named(model, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled decoding records CUDA graphs")
+def test_compiled_decoding_works_after_the_main_thread_recorded_cuda_graphs(model, images):
+    # As after training, or a compiled model of the user's: torch 2.11 then failed on the decoding thread.
+    double = torch.compile(lambda x: x * 2, mode="reduce-overhead")
+    for _ in range(3):
+        double(torch.ones(4, device="cuda"))
+    model.to("cuda")
+    inputs = batch(model, images, QUESTIONS)
+    torch.testing.assert_close(model.generate(**inputs, max_new_tokens=8, decoding="compiled"),
+                               model.generate(**inputs, max_new_tokens=8, decoding="dynamic"), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled decoding records CUDA graphs")
 def test_compiled_decoding_gives_the_eager_greedy_tokens_on_a_gpu(model, images):
     model.to("cuda")
     for questions in (QUESTIONS, QUESTIONS[1:3]):

@@ -288,7 +288,8 @@ class VisionLanguageModel(nn.Module):
             with torch.compiler.set_stance("force_eager"):
                 return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
         if self._decoder is None:
-            self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-decoding")
+            self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-decoding",
+                                               initializer=_cuda_graph_thread_state)
         return self._decoder.submit(
             self._generate_static, embeds, attention_mask, decoding == "compiled", generate_kwargs
         ).result()
@@ -469,6 +470,18 @@ def _cache_argument() -> str:
     from transformers import LlamaModel
 
     return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def _cuda_graph_thread_state() -> None:
+    """Give the decoding thread CUDA-graph trees' per-thread state. torch before 2.14 creates it only on the
+    thread that first imports inductor, so compiled decoding on any other thread failed an assertion there
+    (seen on torch 2.11 once training or another compiled model had run on the main thread)."""
+    if not torch._C._is_key_in_tls("tree_manager_containers"):
+        import threading
+        from collections import defaultdict
+
+        torch._C._stash_obj_in_tls("tree_manager_containers", {})
+        torch._C._stash_obj_in_tls("tree_manager_locks", defaultdict(threading.Lock))
 
 
 def check_generation_settings(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, *,
