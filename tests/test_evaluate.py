@@ -83,14 +83,14 @@ def test_easy_vqa_default_output_hash_and_fixed_seed_subset(checkpoint, capsys):
     assert (results["benchmark"], results["split"], results["n"], results["seed"]) == ("easy_vqa", "test", 6, 0)
     assert results["wall_time_s"] > 0 and results["questions_per_s"] > 0
     assert results["generation"] == {"greedy": True, "max_new_tokens": 16, "batch_size": 4,
-                                     "decoding": "compiled" if torch.cuda.is_available() else "dynamic"}
+                                     "decoding": "dynamic"}
     assert "vqa_accuracy" in capsys.readouterr().out
     predictions = (out / "predictions.jsonl").read_text()
 
-    # Eager decoding on request gives the same answers (on a GPU, where the default compiles).
+    # A static KV cache on request gives the same answers.
     assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "6", "--seed", "0", "--batch-size", "4",
-                 "--no-compile"]) == 0
-    assert json.loads((out / "results.json").read_text())["generation"]["decoding"] == "dynamic"
+                 "--decoding", "static"]) == 0
+    assert json.loads((out / "results.json").read_text())["generation"]["decoding"] == "static"
     assert (out / "predictions.jsonl").read_text() == predictions
     again = [json.loads(line)["question_id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "6", "--seed", "1"]) == 0

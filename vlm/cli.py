@@ -16,7 +16,7 @@ from vlm.evaluate import compare, run_eval
 from vlm.export import export_llava
 from vlm.files import EXAMPLES_DIR, WriteError
 from vlm.images import ImageError, load_image
-from vlm.model import check_generation_settings, load_model
+from vlm.model import DECODING, check_generation_settings, load_model
 from vlm.processor import PromptError
 from vlm.train.trainer import STAGES, check_config, load_stage_records, run_training
 from vlm.vqa_benchmarks import BENCHMARKS
@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument("--ocr", action="store_true", help="textvqa: put the dataset's OCR tokens in the prompt")
     evaluate.add_argument("--output", help="results folder (default: <checkpoint>/eval/<benchmark>)")
-    evaluate.add_argument("--no-compile", dest="compile", action="store_false",
-                          help="on a GPU, decode eagerly on a growing KV cache instead of compiled steps on a static "
-                               "one (the same greedy answers; compiling takes a minute once per process)")
+    evaluate.add_argument("--decoding", choices=DECODING, default="dynamic",
+                          help="KV cache and steps (the same greedy answers): a growing cache, eager (default: batched "
+                               "evaluation measured fastest so on an H100, docs/benchmarks.md); a static one; or "
+                               "a static one with CUDA-graph steps, on a GPU (the demo's choice for one answer)")
     evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results JSON files side by side")
 
     demo = commands.add_parser("demo", help="chat with a checkpoint in a Gradio app")
@@ -120,7 +121,7 @@ def _run(args) -> int:
             return 0
         return run_eval(args.checkpoint, args.benchmark, data=args.data, split=args.split, limit=args.limit,
                         seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        cot=args.cot, ocr=args.ocr, output=args.output, compile=args.compile)
+                        cot=args.cot, ocr=args.ocr, output=args.output, decoding=args.decoding)
     if args.command == "data":
         return _data_check(args)
     if args.command == "demo":

@@ -43,10 +43,10 @@ COT_MAX_NEW_TOKENS = 256  # room for the reasoning before the final answer
 def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", *, data: str | None = None,
              split: str | None = None, limit: int = 1000, seed: int = 0, batch_size: int = 32,
              max_new_tokens: int | None = None, cot: bool = False, ocr: bool = False,
-             output: str | Path | None = None, compile: bool = True) -> int:
+             output: str | Path | None = None, decoding: str = "dynamic") -> int:
     """Score `checkpoint` (default: the trained offline run) on a fixed-seed subset of `benchmark`;
-    `data` is a local copy instead of the Hub, `limit` 0 takes every question. `compile` False decodes
-    eagerly on a GPU too (see VisionLanguageModel.generate)."""
+    `data` is a local copy instead of the Hub, `limit` 0 takes every question. `decoding`: see
+    VisionLanguageModel.generate."""
     task = get_benchmark(benchmark)
     if ocr and task.name != "textvqa":
         raise ConfigError("--ocr adds TextVQA's OCR tokens to the prompt; use it with --benchmark textvqa")
@@ -63,7 +63,6 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
 
     model = load_model(checkpoint, None, announce=lambda m: print(m, file=sys.stderr))
     to_accelerator(model)
-    decoding = None if compile else "dynamic"
     start = time.perf_counter()
     items, skipped = generate(model, selection, cot=cot, ocr=ocr, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               decoding=decoding)

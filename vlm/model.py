@@ -476,12 +476,17 @@ def _cuda_graph_thread_state() -> None:
     """Give the decoding thread CUDA-graph trees' per-thread state. torch before 2.14 creates it only on the
     thread that first imports inductor, so compiled decoding on any other thread failed an assertion there
     (seen on torch 2.11 once training or another compiled model had run on the main thread)."""
-    if not torch._C._is_key_in_tls("tree_manager_containers"):
-        import threading
-        from collections import defaultdict
+    import threading
+    from collections import defaultdict
 
-        torch._C._stash_obj_in_tls("tree_manager_containers", {})
-        torch._C._stash_obj_in_tls("tree_manager_locks", defaultdict(threading.Lock))
+    from torch._inductor import cudagraph_trees
+
+    state = cudagraph_trees.local  # a threading.local: its attributes keep the objects the TLS refers to alive
+    if not hasattr(state, "tree_manager_containers") and not torch._C._is_key_in_tls("tree_manager_containers"):
+        state.tree_manager_containers = {}
+        state.tree_manager_locks = defaultdict(threading.Lock)
+        torch._C._stash_obj_in_tls("tree_manager_containers", state.tree_manager_containers)
+        torch._C._stash_obj_in_tls("tree_manager_locks", state.tree_manager_locks)
 
 
 def check_generation_settings(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, *,
