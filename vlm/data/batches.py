@@ -252,9 +252,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Every process's batches of the epoch, before sharding."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = list(range(len(self.dataset)))
-        rng.shuffle(order)
+        rng, order = self._shuffled(epoch)
         span = self.batch_size * self.megabatch
         batches = []
         for start in range(0, len(order), span):
@@ -262,6 +260,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches += [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
         return batches
+
+    def _shuffled(self, epoch: int) -> tuple[random.Random, list[int]]:
+        """The epoch's RNG, and the dataset's indices in the order it shuffles them first."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.dataset)))
+        rng.shuffle(order)
+        return rng, order
 
 
 class PackedBatchSampler(LengthGroupedBatchSampler):
@@ -287,9 +292,7 @@ class PackedBatchSampler(LengthGroupedBatchSampler):
 
     def batches(self, epoch: int) -> list[list[int]]:
         if self._cached is None or self._cached[0] != epoch:
-            rng = random.Random(self.seed * 1_000_003 + epoch)
-            order = list(range(len(self.dataset)))
-            rng.shuffle(order)
+            rng, order = self._shuffled(epoch)
             rows = []
             for start in range(0, len(order), self.POOL):
                 rows += pack_rows(order[start: start + self.POOL], self.dataset.length, self.length)
@@ -361,12 +364,14 @@ def stage_augment(augment: AugmentConfig, stage: StageConfig, batches_per_epoch:
     epoch e reads view e mod views and a stage of fewer epochs never reads the rest; None when off."""
     if not augment.views:
         return None
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / stage.grad_accum))
-    epochs = math.ceil(optimizer_steps(stage, batches_per_epoch) / steps_per_epoch)
+    epochs = math.ceil(optimizer_steps(stage, batches_per_epoch) / _steps_per_epoch(stage, batches_per_epoch))
     return dataclasses.replace(augment, views=min(augment.views, epochs))
 
 
 def optimizer_steps(stage: StageConfig, batches_per_epoch: int) -> int:
     """A stage's optimizer steps: train.<stage>.max_steps, or its epochs of batches taken grad_accum at a time."""
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / stage.grad_accum))
-    return stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)
+    return stage.max_steps or math.ceil(stage.epochs * _steps_per_epoch(stage, batches_per_epoch))
+
+
+def _steps_per_epoch(stage: StageConfig, batches_per_epoch: int) -> int:
+    return max(1, math.ceil(batches_per_epoch / stage.grad_accum))
