@@ -271,7 +271,9 @@ class VisionLanguageModel(nn.Module):
         "static" preallocates it at a bucketed shape (rows and length rounded up to powers of two) and
         reuses it across calls. "compiled" is static with each decoding step compiled into a CUDA graph
         (transformers' generate() compiles its forward for a static cache): the default on a GPU, where a
-        small LM's eager step is bound by kernel launches. Prefill runs eagerly on the whole batch at once.
+        small LM's eager step is bound by kernel launches (9x the tokens/s of one streamed answer on an H100).
+        Batched, the same steps measured slower than "dynamic" (docs/benchmarks.md, run 7), which `vlm eval`
+        therefore asks for. Prefill runs eagerly on the whole batch at once.
         A model compiled for training decodes "static" by default: the stance that keeps its training-
         compiled blocks eager would keep the decoding step eager too.
         """
