@@ -87,6 +87,9 @@ def test_easy_vqa_default_output_hash_and_fixed_seed_subset(checkpoint, capsys):
     assert "vqa_accuracy" in capsys.readouterr().out
     predictions = (out / "predictions.jsonl").read_text()
 
+    if not torch.cuda.is_available():  # compiled decoding needs a GPU: one line saying so, no traceback
+        assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "6", "--decoding", "compiled"]) != 0
+        assert "--decoding compiled: compiled decoding records CUDA graphs" in capsys.readouterr().err
     # A static KV cache on request gives the same answers.
     assert main(["eval", "--checkpoint", str(checkpoint), "--limit", "6", "--seed", "0", "--batch-size", "4",
                  "--decoding", "static"]) == 0

@@ -63,6 +63,10 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
 
     model = load_model(checkpoint, None, announce=lambda m: print(m, file=sys.stderr))
     to_accelerator(model)
+    try:
+        model.resolve_decoding(decoding)
+    except ValueError as e:
+        raise ConfigError(f"--decoding {decoding}: {e}") from None
     start = time.perf_counter()
     items, skipped = generate(model, selection, cot=cot, ocr=ocr, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               decoding=decoding)
