@@ -27,3 +27,21 @@ def test_synthetic_records_give_expected_caption():
         {"image_id": 8, "question": "what shape is present?", "answer": "triangle"},
     ]
     assert describe(records) == {7: "A teal circle."}
+
+
+def test_instruct_conversations_hold_the_configured_number_of_questions_each_asked_once():
+    from vlm.config import DataSource
+    from vlm.data.sources import load_examples
+
+    asked = {(r["image_id"], r["question"]) for r in easy_vqa_questions("train")}
+    for turns in (1, 4):
+        records = load_examples(DataSource(kind="easy_vqa", turns=turns), "instruct")
+        questions = []
+        for i in range(len(records)):
+            messages = records[i].messages
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            assert 1 <= len(users) <= turns and len(messages) == 2 * len(users)
+            questions += [(records.key(i), u) for u in users]
+        assert len(questions) == len(set(questions)) == len(asked)
+        if turns == 1:
+            assert len(records) == len(asked)

@@ -327,3 +327,37 @@ def test_positions_found_on_the_cpu_give_the_same_loss_as_positions_found_on_the
     torch.testing.assert_close(given["loss"], found_here["loss"])
     assert int(given["num_tokens"]) == int(found_here["num_tokens"]) == int((batch["labels"][:, 1:] != -100).sum())
     assert positions["images_at"].shape[1] == len(QA) * tiny_model.processor.num_image_tokens
+
+
+def test_system_prompt_replaces_the_templates_default_and_keeps_a_conversations_own():
+    from vlm.language_model import prepare_tokenizer
+    from vlm.processor import IGNORE_INDEX, VLMProcessor
+    from vlm.testing import CHATML, tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer()
+    default = "<|im_start|>system\nthe capital of france is paris.<|im_end|>\n"
+    tok.chat_template = "{% if messages[0]['role'] != 'system' %}" + default + "{% endif %}" + CHATML  # as SmolLM2's
+    prepare_tokenizer(tok)
+    qa = [{"role": "user", "content": "what shape?"}, {"role": "assistant", "content": "circle"}]
+    turn = "<|im_start|>user\nwhat shape?<|im_end|>\n<|im_start|>assistant\ncircle<|im_end|>\n"
+
+    assert tok.decode(VLMProcessor(tok, None, 4).encode(qa).input_ids) == default + turn
+    empty = VLMProcessor(tok, None, 4, system_prompt="").encode(qa)
+    assert tok.decode(empty.input_ids) == "<|im_start|>system\n<|im_end|>\n" + turn
+    assert tok.decode([t for t in empty.labels if t != IGNORE_INDEX]) == "circle<|im_end|>\n"
+    own = [{"role": "system", "content": "be brief"}, *qa]
+    assert tok.decode(VLMProcessor(tok, None, 4, system_prompt="").encode(own).input_ids) == (
+        "<|im_start|>system\nbe brief<|im_end|>\n" + turn)
+
+
+def test_a_checkpoint_prompts_with_the_system_prompt_it_was_trained_with(tiny_model_config, images, tmp_path):
+    import dataclasses
+
+    from vlm.model import VisionLanguageModel
+
+    lm = dataclasses.replace(tiny_model_config.lm, system_prompt="be brief")
+    config = dataclasses.replace(tiny_model_config, lm=lm)
+    VisionLanguageModel.from_config(config).save_pretrained(tmp_path / "ckpt")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    ids = loaded.prepare([images[0]], [[{"role": "user", "content": "what shape?"}]])["input_ids"][0]
+    assert "<|im_start|>system\nbe brief<|im_end|>" in loaded.tokenizer.decode(ids)

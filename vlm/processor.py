@@ -46,8 +46,10 @@ class Encoded:
 
 class VLMProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase,
-                 image_transform: Callable[[list[Image.Image]], torch.Tensor], num_image_tokens: int):
+                 image_transform: Callable[[list[Image.Image]], torch.Tensor], num_image_tokens: int,
+                 system_prompt: str | None = None):
         self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
         self.image_transform = image_transform
         self.num_image_tokens = num_image_tokens
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -64,6 +66,8 @@ class VLMProcessor:
         control tokens, each content as plain text, so a user who types `<|im_end|>` gets those
         characters, not the end of their turn.
         """
+        if self.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         stand_ins = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
         segments = self._segments(stand_ins, add_generation_prompt)
         parts = [_parts(m) for m in messages]

@@ -89,7 +89,8 @@ def data_processor(config: Config) -> tuple[VLMProcessor, set[int]]:
     tokens that end generation."""
     tokenizer = load_tokenizer(config.model.lm)
     tokens = Projector(config.model.projector, 1, 1, num_patches(config.model.vision)).num_tokens
-    processor = VLMProcessor(tokenizer, image_transform=None, num_image_tokens=tokens)  # encoding opens no image
+    processor = VLMProcessor(tokenizer, image_transform=None, num_image_tokens=tokens,  # encoding opens no image
+                             system_prompt=config.model.lm.system_prompt)
     return processor, stop_token_ids(config.model.lm, tokenizer)
 
 

@@ -44,9 +44,6 @@ LAYOUT_ROLES = {
     "qa": ("image", "question", "answer"),
 }
 SEVERAL_IMAGES = "several images"  # an example holds one image; records with more are skipped, counted
-# easy-VQA questions per training conversation: several questions about one image share its
-# image tokens and the system prompt, which is most of a single-question sequence.
-EASY_VQA_TURNS = 4
 
 
 @dataclass
@@ -145,6 +142,8 @@ def check_source(source: DataSource, stage: str) -> None:
             _mapped_layout(source.columns, stage)
     elif source.kind == "easy_vqa" and source.split == "test":
         raise ConfigError(f"data.{stage}.split=test: easy-VQA's test split is for `vlm eval`, never for training")
+    if source.turns < 1:
+        raise ConfigError(f"data.{stage}.turns={source.turns}: a conversation needs at least 1 question")
 
 
 def _file_key(path: Path) -> str:
@@ -172,9 +171,9 @@ def _easy_vqa(source: DataSource, stage: str) -> Records:
     rows = []
     for image_id, questions in sorted(by_image.items()):
         key = _file_key(Path(paths[image_id]))
-        for start in range(0, len(questions), EASY_VQA_TURNS):
+        for start in range(0, len(questions), source.turns):
             messages = []
-            for turn, r in enumerate(questions[start: start + EASY_VQA_TURNS]):
+            for turn, r in enumerate(questions[start: start + source.turns]):
                 messages += [_user(f"{r['question']}\n{SHORT_ANSWER}", turn == 0), _assistant(r["answer"])]
             rows.append((key, paths[image_id], messages))
     # The dataset lists each image's questions together; interleave so a prefix (data limit) spans many images.
