@@ -134,7 +134,7 @@ class VlmChat:
 
     def check_compiled(self) -> None:
         """RuntimeError if compiled decoding fell back to eager (transformers decides per call)."""
-        if self.decoding == "compiled" and not hasattr(self.model.lm, "_compiled_call"):
+        if self.decoding == "compiled" and True not in self.model._greedy_decoders:
             raise RuntimeError("vlm's compiled decoding did not compile the decoding forward")
 
 

@@ -45,6 +45,17 @@ def test_a_reused_cache_leaves_nothing_of_the_last_batch_in_the_next(model, imag
     assert [key[:2] for key in model._caches] == [(4, 256)]  # one shape: one compiled variant on a GPU
 
 
+def test_greedy_batches_decode_in_vlms_loop_with_min_new_tokens_as_generate_reads_it(model, images, monkeypatch):
+    inputs = batch(model, images, QUESTIONS)
+    free = model.generate(**inputs, max_new_tokens=6, decoding="dynamic")
+    stop = free[0, 0].item()  # the first row would stop at once: min_new_tokens must hold it back
+    dynamic = model.generate(**inputs, max_new_tokens=6, min_new_tokens=3, eos_token_id=stop, decoding="dynamic")
+    assert (dynamic[0, :3] != stop).all()
+    monkeypatch.setattr(model.lm, "generate", None)  # greedy decoding on the static cache never calls generate()
+    static = model.generate(**inputs, max_new_tokens=6, min_new_tokens=3, eos_token_id=stop, decoding="static")
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
+
+
 def test_sampling_runs_on_the_static_cache(model, images):
     inputs = batch(model, images, QUESTIONS[:2])
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlm.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
+from vlm.decoding import GreedyDecoder, is_plain_greedy
 from vlm.files import atomic_dir
 from vlm.language_model import load_language_model
 from vlm.processor import IGNORE_INDEX, PromptError, VLMProcessor, typed_messages
@@ -54,6 +55,7 @@ class VisionLanguageModel(nn.Module):
         # decoding on each caller's thread (the demo starts one per answer) would record them all again.
         self._caches: dict[tuple, object] = {}
         self._decoder: ThreadPoolExecutor | None = None
+        self._greedy_decoders: dict[bool, GreedyDecoder] = {}  # by compiled or not
         # How packed rows attend (packed_attention_mask): "flex" or "sdpa"; None picks by device.
         self.packed_attention: str | None = None
 
@@ -270,11 +272,13 @@ class VisionLanguageModel(nn.Module):
         `decoding` says how the KV cache is kept (the same greedy tokens every way, tests/test_generation.py):
         "dynamic" grows it by a token each step, eagerly: the default on a CPU, where compiling gains nothing.
         "static" preallocates it at a bucketed shape (rows and length rounded up to powers of two) and
-        reuses it across calls. "compiled" is static with each decoding step compiled into a CUDA graph
-        (transformers' generate() compiles its forward for a static cache): the default on a GPU, where a
-        small LM's eager step is bound by kernel launches (9x the tokens/s of one streamed answer on an H100).
-        Batched, the same steps measured slower than "dynamic" (docs/benchmarks.md, run 7), which `vlm eval`
-        therefore asks for. Prefill runs eagerly on the whole batch at once.
+        reuses it across calls. "compiled" is static with each decoding step a CUDA graph: the default on a
+        GPU, where a small LM's eager step is bound by kernel launches. Greedy batches decode in vlm's own
+        loop (vlm/decoding.py: 4.4x eager generation alone at batch 64 on an H100); sampling and streaming
+        go through transformers' generate(), which compiles its step for a static cache (9x the tokens/s of
+        one streamed answer). Compiling costs seconds per shape, which a few thousand questions do not win
+        back, so `vlm eval` asks for "dynamic" (docs/benchmarks.md, run 8). Prefill runs eagerly on the
+        whole batch at once.
         A model compiled for training decodes "static" by default: the stance that keeps its training-
         compiled blocks eager would keep the decoding step eager too.
         """
@@ -314,31 +318,46 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def _generate_static(self, embeds: torch.Tensor, attention_mask: torch.Tensor, compiled: bool,
                          generate_kwargs: dict) -> torch.Tensor:
-        """generate() on a reused static cache, on the decoding thread."""
+        """Greedy batches through vlm's own loop (vlm/decoding.py), the rest through generate(), on a reused
+        static cache, on the decoding thread."""
         from transformers import CompileConfig
 
         rows = embeds.shape[0]
+        if compiled:
+            # One compiled variant per shape; past dynamo's default limit of 8 the rest would run eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        greedy = is_plain_greedy(generate_kwargs, self.lm.generation_config)
         # transformers' streamers take one row, so a streamed answer gets a cache without padding rows.
-        cache, cache_rows = self._static_cache(rows, attention_mask.shape[1] + generate_kwargs["max_new_tokens"],
-                                               pad_rows=generate_kwargs.get("streamer") is None)
+        cache, (cache_rows, cache_length) = self._static_cache(
+            rows, attention_mask.shape[1] + generate_kwargs["max_new_tokens"],
+            pad_rows=generate_kwargs.get("streamer") is None)
         # The cache's extra rows repeat the first row: they stop when it does, so they never hold the batch back.
         fill = torch.zeros(cache_rows - rows, dtype=torch.long, device=embeds.device)
         embeds, attention_mask = torch.cat((embeds, embeds[fill])), torch.cat((attention_mask, attention_mask[fill]))
-        if compiled:
-            # One compiled variant per cache shape; past dynamo's default limit of 8 the rest would run eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            options = {"compile_config": CompileConfig(dynamic=False)}  # a CUDA graph per shape, never symbolic
-        else:
-            options = {"disable_compile": True}
         stance = "default" if compiled else "force_eager"  # compiled decoding needs the stance generate() lacks
         with torch.compiler.set_stance(stance):
-            tokens = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                      **{_cache_argument(): cache}, **options, **generate_kwargs)
+            if greedy:
+                stops = generate_kwargs.get("eos_token_id", self.lm.generation_config.eos_token_id)
+                tokens = self._greedy_decoder(compiled)(
+                    embeds, attention_mask, cache, cache_length, max_new_tokens=generate_kwargs["max_new_tokens"],
+                    min_new_tokens=generate_kwargs.get("min_new_tokens") or 0,
+                    stops=[] if stops is None else [stops] if isinstance(stops, int) else list(stops),
+                    pad_token_id=generate_kwargs["pad_token_id"])
+            else:
+                # generate() compiles its decoding step for a static cache: a CUDA graph per shape, never symbolic.
+                options = {"compile_config": CompileConfig(dynamic=False)} if compiled else {"disable_compile": True}
+                tokens = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                          **{_cache_argument(): cache}, **options, **generate_kwargs)
         return tokens[:rows]
+
+    def _greedy_decoder(self, compiled: bool) -> GreedyDecoder:
+        if compiled not in self._greedy_decoders:
+            self._greedy_decoders[compiled] = GreedyDecoder(self.lm, _cache_argument(), compiled)
+        return self._greedy_decoders[compiled]
 
     def _static_cache(self, rows: int, length: int, pad_rows: bool):
         """The smallest cache held that fits `rows` x `length` (reset), else a new one of bucketed size;
-        with how many rows it has. A smaller batch (an eval's last) reuses a larger cache, unless not
+        with its (rows, length). A smaller batch (an eval's last) reuses a larger cache, unless not
         `pad_rows`: padding rows costs less than a new shape, which compiles and records another graph."""
         from transformers import StaticCache
 
@@ -350,16 +369,25 @@ class VisionLanguageModel(nn.Module):
         else:
             key = (_power_of_two(rows) if pad_rows else rows, min(_power_of_two(max(length, MIN_CACHE_LENGTH)),
                                             max(length, self.lm.config.max_position_embeddings)), *where)
-            self._caches[key] = StaticCache(config=self.lm.config, max_cache_len=key[1])
+            cache = StaticCache(config=self.lm.config, max_cache_len=key[1])
+            # Allocated here, eagerly: left to its first update inside a CUDA graph, the cache would live in
+            # the graph's memory pool and be overwritten by the graph's next replay.
+            config = self.lm.config
+            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            cache.early_initialization(key[0], heads, head_dim, self.lm.dtype, self.device)
+            self._caches[key] = cache
         cache = self._caches[key]
         cache.reset()
-        return cache, key[0]
+        return cache, key[:2]
 
     def warm_up(self, max_new_tokens: int = 128) -> None:
         """One throwaway answer at the demo's shape, so compiled decoding compiles and records its graph
         now rather than on the first user's question."""
         image = Image.new("RGB", (self.vision.image_size, self.vision.image_size))
-        self.chat([image], [[{"role": "user", "content": "What is in the image?"}]], max_new_tokens=max_new_tokens)
+        for _ in self.stream_chat(image, [{"role": "user", "content": "What is in the image?"}],
+                                  max_new_tokens=max_new_tokens):  # streamed, as the demo answers: generate()'s path
+            pass
 
     def chat(self, images: list[Image.Image | None], conversations: list[list[dict]], **generate_kwargs) -> list[str]:
         """Batched answers, one per conversation (each ends with a user turn)."""
