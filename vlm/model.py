@@ -351,9 +351,10 @@ class VisionLanguageModel(nn.Module):
         return tokens[:rows]
 
     def _greedy_decoder(self, compiled: bool) -> GreedyDecoder:
-        if compiled not in self._greedy_decoders:
-            self._greedy_decoders[compiled] = GreedyDecoder(self.lm, _cache_argument(), compiled)
-        return self._greedy_decoders[compiled]
+        decoder = self._greedy_decoders.get(compiled)
+        if decoder is None or decoder.lm is not self.lm:  # a new LM (LoRA wrapped, weights reloaded) decodes afresh
+            decoder = self._greedy_decoders[compiled] = GreedyDecoder(self.lm, _cache_argument(), compiled)
+        return decoder
 
     def _static_cache(self, rows: int, length: int, pad_rows: bool):
         """The smallest cache held that fits `rows` x `length` (reset), else a new one of bucketed size;
