@@ -56,6 +56,20 @@ def test_greedy_batches_decode_in_vlms_loop_with_min_new_tokens_as_generate_read
     torch.testing.assert_close(static, dynamic, rtol=0, atol=0)
 
 
+def test_greedy_decoding_follows_an_lm_replaced_after_the_first_answer(model, images, monkeypatch):
+    import copy
+
+    inputs = batch(model, images, QUESTIONS[:2])
+    before = model.generate(**inputs, max_new_tokens=4, decoding="static")
+    other = copy.deepcopy(model.lm)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(-1)  # flips every logit: another greedy answer
+    monkeypatch.setattr(model, "lm", other)
+    dynamic = model.generate(**inputs, max_new_tokens=4, decoding="dynamic")
+    assert not torch.equal(dynamic, before)
+    torch.testing.assert_close(model.generate(**inputs, max_new_tokens=4, decoding="static"), dynamic, rtol=0, atol=0)
+
+
 def test_sampling_runs_on_the_static_cache(model, images):
     inputs = batch(model, images, QUESTIONS[:2])
     torch.manual_seed(0)
