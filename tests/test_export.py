@@ -101,6 +101,14 @@ def test_exported_llava_carries_the_trained_lm(lm_weights, lm, request, tiny_cli
     assert not [p.name for p in (tmp_path / "out").iterdir() if "adapter" in p.name or p.name in ("lora", "lm")]
 
 
+@pytest.mark.parametrize("system_prompt", ["", 'be "brief"\nand exact'])
+def test_exported_llava_prompts_with_the_system_prompt_vlm_trained_with(system_prompt, tiny_clip_dir, tiny_lm_dir,
+                                                                        images, tmp_path, monkeypatch):
+    config = ModelConfig(vision=VisionConfig(backend="hf", name=str(tiny_clip_dir)),
+                         lm=LMConfig(name=str(tiny_lm_dir), system_prompt=system_prompt))
+    assert_export_matches(config, images, tmp_path, monkeypatch)
+
+
 @pytest.mark.integration
 def test_export_with_the_packaged_lm_matches_vlm(tiny_clip_dir, images, tmp_path, monkeypatch):
     """The real SmolLM2: tied head, 49k vocabulary, a chat template that adds a default system turn."""

@@ -41,6 +41,16 @@ CONTENT_TO_TEXT = (
 )
 
 
+def system_prompt_template(system_prompt: str | None) -> str:
+    """A chat-template preamble giving a conversation without a system message the one vlm trained with
+    (model.lm.system_prompt, as VLMProcessor adds it); nothing when training kept the template's default."""
+    if system_prompt is None:
+        return ""
+    return ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+            "{%- set messages = [{'role': 'system', 'content': " + json.dumps(system_prompt) + "}] + messages -%}"
+            "{%- endif -%}")
+
+
 def export_llava(checkpoint: str, out: str) -> None:
     """Write `out` as a LLaVA folder (config, safetensors weights, processor); refuse what LLaVA cannot express."""
     from transformers import AutoImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -95,7 +105,8 @@ def export_llava(checkpoint: str, out: str) -> None:
     # The image placeholder is input only; vlm's LM never predicts it, so neither may the export.
     llava.generation_config.suppress_tokens = [image_token_id]
 
-    tokenizer.chat_template = CONTENT_TO_TEXT + tokenizer.chat_template
+    preamble = CONTENT_TO_TEXT + system_prompt_template(config.lm.system_prompt)
+    tokenizer.chat_template = preamble + tokenizer.chat_template
     processor = LlavaProcessor(
         image_processor=AutoImageProcessor.from_pretrained(config.vision.name),
         tokenizer=tokenizer,
