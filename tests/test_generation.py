@@ -124,3 +124,23 @@ def test_compiled_decoding_gives_the_eager_greedy_tokens_on_a_gpu(model, images)
     streamed = [text.strip() for text in ("".join(model.stream_chat(images[0], question, max_new_tokens=8)),
                                           "".join(model.stream_chat(images[0], question, max_new_tokens=8)))]
     assert streamed == model.chat([images[0]], [question], max_new_tokens=8, decoding="dynamic") * 2
+
+
+def test_the_callers_thread_keeps_cuda_graph_state_when_decoding_imports_inductor_first(checkpoint):
+    # torch < 2.14 gives CUDA-graph trees' state only to the thread that first imports inductor. A fresh
+    # process whose first static decoding did that on vlm's decoding thread left the main thread without
+    # it, and its next reduce-overhead compile (training, a user's model) failed an assertion on a GPU.
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from vlm.model import VisionLanguageModel
+assert not torch._C._is_key_in_tls("tree_manager_containers"), "inductor already imported: the check means nothing"
+model = VisionLanguageModel.from_pretrained({str(checkpoint)!r})
+model.chat([None], [[{{"role": "user", "content": "hi"}}]], max_new_tokens=2, decoding="static")
+print(torch._C._is_key_in_tls("tree_manager_containers"))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "True"

@@ -39,6 +39,15 @@ DECODING = ("dynamic", "static", "compiled")
 MIN_CACHE_LENGTH = 256
 
 
+def compile_blocks(part: nn.Module, mode: str | None = None) -> None:
+    """torch.compile every block of each stack of identical blocks in `part` (a tower, a decoder): one
+    compiled frame serves them all, so compiling costs one block's trace, not the whole stack's."""
+    for stack in part.modules():
+        if isinstance(stack, nn.ModuleList) and len({type(block) for block in stack}) == 1:
+            for block in stack:
+                block.compile(mode=mode)
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, config: ModelConfig, vision: VisionEncoder, lm: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase):
@@ -94,11 +103,8 @@ class VisionLanguageModel(nn.Module):
         # LoRA, at several shapes. Past dynamo's default of 8 variants it silently runs the rest eagerly
         # (an easy-VQA run on the H100 hit it).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for part, mode in ((self.vision.tower, None), (self.lm.get_decoder(), "reduce-overhead")):
-            for stack in part.modules():
-                if isinstance(stack, nn.ModuleList) and len({type(block) for block in stack}) == 1:
-                    for block in stack:
-                        block.compile(mode=mode)
+        compile_blocks(self.vision.tower)
+        compile_blocks(self.lm.get_decoder(), mode="reduce-overhead")
         self.compiled = True
 
     @property
@@ -295,6 +301,9 @@ class VisionLanguageModel(nn.Module):
             with torch.compiler.set_stance("force_eager"):
                 return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
         if self._decoder is None:
+            # This thread too: should the decoding thread import inductor first, this one (training, a user's
+            # own compiled model) would lack the state (the GPU test after CPU ones failed so on torch 2.11).
+            _cuda_graph_thread_state()
             self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-decoding",
                                                initializer=_cuda_graph_thread_state)
         return self._decoder.submit(
@@ -505,9 +514,10 @@ def _cache_argument() -> str:
 
 
 def _cuda_graph_thread_state() -> None:
-    """Give the decoding thread CUDA-graph trees' per-thread state. torch before 2.14 creates it only on the
-    thread that first imports inductor, so compiled decoding on any other thread failed an assertion there
-    (seen on torch 2.11 once training or another compiled model had run on the main thread)."""
+    """Give this thread CUDA-graph trees' per-thread state. torch before 2.14 creates it only on the thread
+    that first imports inductor, so CUDA graphs on any other thread failed an assertion there (seen on
+    torch 2.11: decoding once training or another compiled model had run on the main thread, and the
+    main thread's compiled model once decoding had compiled first)."""
     import threading
     from collections import defaultdict
 
