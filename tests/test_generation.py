@@ -89,6 +89,47 @@ def test_chat_and_stream_chat_take_the_static_path(model, images):
     assert sorted(key[0] for key in model._caches) == [1, 4]
 
 
+class RecordingStreamer:
+    """What a streamer is handed, call by call: the prompt's ids first, then each token, then end()."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.tolist())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_greedy_streams_from_vlms_loop_what_generate_streams(model, images, monkeypatch):
+    inputs = batch(model, images, QUESTIONS[1:2])
+    from_generate, from_loop = RecordingStreamer(), RecordingStreamer()
+    model.generate(**inputs, max_new_tokens=8, decoding="dynamic", streamer=from_generate)
+    monkeypatch.setattr(model.lm, "generate", None)  # the demo's greedy answers never reach generate()
+    model.generate(**inputs, max_new_tokens=8, decoding="static", streamer=from_loop)
+    assert len(from_generate.calls) > 2 and from_loop.calls == from_generate.calls
+
+
+def test_left_padding_a_prompt_leaves_greedy_tokens_unchanged(model, images):
+    # A compiled prefill pads prompts to a few lengths (prefill_length); the mask must hide the padding.
+    import torch.nn.functional as F
+
+    from vlm.decoding import GreedyDecoder, prefill_length
+    from vlm.model import _cache_argument
+
+    inputs = batch(model, images, QUESTIONS[:2])
+    embeds = model.embed(inputs["input_ids"], model.image_embeddings(inputs["pixel_values"]))
+    mask = inputs["attention_mask"]
+    pad = prefill_length(mask.shape[1]) - mask.shape[1]
+    assert pad > 0
+    decoder = GreedyDecoder(model.lm, _cache_argument(), compiled=False)
+    settings = {"max_new_tokens": 6, "stops": [], "pad_token_id": model.tokenizer.pad_token_id}
+    tokens = [decoder(e, m, model._static_cache(2, 256, pad_rows=False)[0], 256, **settings)
+              for e, m in ((embeds, mask), (F.pad(embeds, (0, 0, pad, 0)), F.pad(mask, (pad, 0))))]
+    torch.testing.assert_close(tokens[1], tokens[0], rtol=0, atol=0)
+
+
 def test_the_cpu_default_is_the_dynamic_cache_and_bad_settings_are_named(model, images):
     inputs = batch(model, images, QUESTIONS[:2])
     model.generate(**inputs, max_new_tokens=2)

@@ -4,17 +4,17 @@ On an H100 (EfficientNet-Lite0 + SmolLM2-135M, batch 64, 8 new tokens, inputs al
 on a static cache with its compiled decoding step took 94 ms a batch; this loop, with the same compiled step
 and an eager prefill, 60 ms (1,060 questions/s), the same tokens as eager decoding (docs/benchmarks.md, run 8).
 generate()'s per-step Python (logits processors, stopping criteria, cache bookkeeping) costs more than a small
-LM's step in a CUDA graph. generate() keeps everything else: sampling, streaming, stopping criteria and
-configured logits processors.
+LM's step in a CUDA graph. generate() keeps everything else: sampling, stopping criteria and configured logits
+processors. Greedy answers stream from here too (the demo's default), through the same streamer interface.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Settings this loop reads; a call with any other (sampling, a streamer, stopping criteria) goes to generate().
+# Settings this loop reads; a call with any other (sampling, stopping criteria) goes to generate().
 GREEDY_SETTINGS = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "temperature",
-                   "top_p", "top_k"}
+                   "top_p", "top_k", "streamer"}
 # Generation-config fields whose non-default values would make generate() change greedy tokens.
 LOGITS_CHANGING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
                    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
@@ -29,16 +29,21 @@ def is_plain_greedy(generate_kwargs: dict, generation_config) -> bool:
     return all(getattr(generation_config, key, None) in (default, None) for key, default in LOGITS_CHANGING.items())
 
 
+def prefill_length(length: int) -> int:
+    """The prompt length a compiled prefill pads to: the next power of two from 64, so that a demo's growing
+    conversation or an eval's batches meet a handful of shapes (each compiles and records a graph once)."""
+    return max(64, 1 << (length - 1).bit_length())
+
+
 class GreedyDecoder:
-    """Prefill, then one token per step for every row, on a caller's StaticCache; compiled, the step is a CUDA
-    graph per cache shape (torch.compile's "reduce-overhead"), recorded on first use."""
+    """Prefill, then one token per step for every row, on a caller's StaticCache; compiled, the prefill and the
+    step are CUDA graphs per shape (torch.compile's "reduce-overhead"), recorded on first use. A compiled
+    prefill needs its prompts left-padded to `prefill_length` (the model does so), so shapes stay few."""
 
     def __init__(self, lm, cache_argument: str, compiled: bool):
         self.lm, self.cache_argument = lm, cache_argument
-        # Prefill stays eager: compiled too, a batch of 64 took 39 ms instead of 60, but every new prompt length
-        # compiled and recorded another graph (~10 s each), which no eval of a few thousand questions wins back.
-        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False) if compiled \
-            else self._step
+        graph = torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False) if compiled else (lambda f: f)
+        self.prefill, self.step = graph(self._prefill), graph(self._step)
         self.compiled = compiled
 
     def _prefill(self, embeds, mask, positions, cache_positions, cache):
@@ -52,24 +57,29 @@ class GreedyDecoder:
                          cache_position=cache_positions, use_cache=True, **{self.cache_argument: cache}).logits
         return logits[:, -1].float()
 
-    def _next_logits(self, *args):
+    def _run(self, part, *args):
         if not self.compiled:
-            return self.step(*args)
+            return part(*args)
         torch.compiler.cudagraph_mark_step_begin()
-        return self.step(*args).clone()  # the graph's output buffer is overwritten by its next replay
+        return part(*args).clone()  # the graph's output buffer is overwritten by its next replay
 
     @torch.no_grad()
     def __call__(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache, cache_length: int, *,
-                 max_new_tokens: int, min_new_tokens: int = 0, stops: list[int], pad_token_id: int) -> torch.Tensor:
+                 max_new_tokens: int, min_new_tokens: int = 0, stops: list[int], pad_token_id: int,
+                 streamer=None) -> torch.Tensor:
         """New tokens [rows, steps]: each row's answer through its stop token, then `pad_token_id`; as many
-        steps as the longest answer needs, as generate() returns them."""
+        steps as the longest answer needs, as generate() returns them. A `streamer` (one row) gets what
+        generate() would give it: the prompt's ids (none: the prompt is embeddings), each token, then end()."""
         rows, length = attention_mask.shape
         device = embeds.device
         mask = torch.zeros(rows, cache_length, dtype=attention_mask.dtype, device=device)
         mask[:, :length] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
-        logits = self._prefill(embeds.to(self.lm.dtype), mask, positions, torch.arange(length, device=device), cache)
+        if streamer is not None:
+            streamer.put(torch.empty(rows, 0, dtype=torch.long))
+        logits = self._run(self.prefill, embeds.to(self.lm.dtype), mask, positions, torch.arange(length, device=device),
+                           cache)
         position = positions[:, -1:] + 1
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         tokens = []
@@ -78,10 +88,14 @@ class GreedyDecoder:
                 logits[:, stop_ids] = -float("inf")
             token = torch.where(done, pad_token_id, logits.argmax(-1))
             tokens.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
             done |= torch.isin(token, stop_ids)
             if i + 1 == max_new_tokens or bool(done.all()):
                 break
             mask[:, length + i] = 1
-            logits = self._next_logits(token[:, None], mask, position + i, torch.tensor([length + i], device=device),
-                                       cache)
+            logits = self._run(self.step, token[:, None], mask, position + i, torch.tensor([length + i], device=device),
+                               cache)
+        if streamer is not None:
+            streamer.end()
         return torch.stack(tokens, 1)

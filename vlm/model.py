@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlm.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
-from vlm.decoding import GreedyDecoder, is_plain_greedy
+from vlm.decoding import GreedyDecoder, is_plain_greedy, prefill_length
 from vlm.files import atomic_dir
 from vlm.language_model import load_language_model
 from vlm.processor import IGNORE_INDEX, PromptError, VLMProcessor, typed_messages
@@ -283,8 +283,9 @@ class VisionLanguageModel(nn.Module):
         loop (vlm/decoding.py: 4.4x eager generation alone at batch 64 on an H100); sampling and streaming
         go through transformers' generate(), which compiles its step for a static cache (9x the tokens/s of
         one streamed answer). Compiling costs seconds per shape, which a few thousand questions do not win
-        back, so `vlm eval` asks for "dynamic" (docs/benchmarks.md, run 8). Prefill runs eagerly on the
-        whole batch at once.
+        back, so `vlm eval` asks for "dynamic" (docs/benchmarks.md, run 8). Prefill runs on the whole batch at
+        once: eagerly, or for compiled greedy decoding as a CUDA graph at the prompt length padded up to a power
+        of two (left padding, which the attention mask hides), so it compiles once per such length.
         A model compiled for training decodes "static" by default: the stance that keeps its training-
         compiled blocks eager would keep the decoding step eager too.
         """
@@ -336,6 +337,10 @@ class VisionLanguageModel(nn.Module):
             # One compiled variant per shape; past dynamo's default limit of 8 the rest would run eagerly.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         greedy = is_plain_greedy(generate_kwargs, self.lm.generation_config)
+        if greedy and compiled:  # the prefill is a CUDA graph too: prompts padded to one of a few lengths
+            pad = prefill_length(attention_mask.shape[1]) - attention_mask.shape[1]
+            embeds = F.pad(embeds, (0, 0, pad, 0))
+            attention_mask = F.pad(attention_mask, (pad, 0))
         # transformers' streamers take one row, so a streamed answer gets a cache without padding rows.
         cache, (cache_rows, cache_length) = self._static_cache(
             rows, attention_mask.shape[1] + generate_kwargs["max_new_tokens"],
@@ -351,7 +356,7 @@ class VisionLanguageModel(nn.Module):
                     embeds, attention_mask, cache, cache_length, max_new_tokens=generate_kwargs["max_new_tokens"],
                     min_new_tokens=generate_kwargs.get("min_new_tokens") or 0,
                     stops=[] if stops is None else [stops] if isinstance(stops, int) else list(stops),
-                    pad_token_id=generate_kwargs["pad_token_id"])
+                    pad_token_id=generate_kwargs["pad_token_id"], streamer=generate_kwargs.get("streamer"))
             else:
                 # generate() compiles its decoding step for a static cache: a CUDA graph per shape, never symbolic.
                 options = {"compile_config": CompileConfig(dynamic=False)} if compiled else {"disable_compile": True}
@@ -396,7 +401,7 @@ class VisionLanguageModel(nn.Module):
         now rather than on the first user's question."""
         image = Image.new("RGB", (self.vision.image_size, self.vision.image_size))
         for _ in self.stream_chat(image, [{"role": "user", "content": "What is in the image?"}],
-                                  max_new_tokens=max_new_tokens):  # streamed, as the demo answers: generate()'s path
+                                  max_new_tokens=max_new_tokens):  # streamed and greedy, as the demo answers
             pass
 
     def chat(self, images: list[Image.Image | None], conversations: list[list[dict]], **generate_kwargs) -> list[str]:
