@@ -10,7 +10,7 @@ so this renderer (PIL + numpy, none of easy-VQA's code) keeps easy-VQA's concept
 wording and changes everything that leaves every answer true: one circle, rectangle or triangle in
 one of the 8 colours, rotated by any angle, of any size and position, rectangles of aspect 1-3,
 triangles of any proportions with no angle under 30 degrees, the colour's shade slightly jittered
-around a canonical RGB, on a pale plain, gradient or noise-textured background, antialiased (drawn
+around the RGB easy-VQA draws that colour in, on a pale plain, gradient or noise-textured background, antialiased (drawn
 at 4x and box-filtered down), sometimes slightly blurred, at 64-256 px, often not square.
 
 Outputs under --out, laid out like a VQAv2 image folder (`datasets` imagefolder, split
@@ -42,14 +42,18 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from vlm.data.easy_vqa import COLORS, SHAPES
 
-VERSION = 1
+VERSION = 2  # 1 drew its own darker palette (see CANONICAL_RGB)
 SPLIT = "validation"  # the split `vlm eval --benchmark vqav2` reads by default
 
-# This renderer's own palette, pairwise >= 87 apart in RGB; a shade stays within 35 of its canonical
-# colour, so the nearest canonical colour of any shape pixel is still the named one.
+# What the 8 names mean to a model trained on easy-VQA: the CSS colours its pictures are drawn in, read off
+# its images (every "green" shape there is (0, 255, 0), every "brown" one (165, 42, 42)). Version 1 drew a
+# darker palette of its own, whose red lay nearer easy-VQA's brown than its red and whose green nearer
+# easy-VQA's teal than its green, so a model naming easy-VQA's colours exactly had to miss those; the held-out
+# set tests new drawing, not new meanings of the names. Pairwise >= 107 apart in RGB; a shade stays within 35
+# of its colour, so the nearest of the 8 to any shape pixel is still the named one.
 CANONICAL_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (210, 35, 35), "green": (40, 155, 55), "blue": (35, 75, 215), "black": (25, 25, 25),
-    "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (135, 80, 35), "yellow": (235, 205, 25),
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
+    "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (165, 42, 42), "yellow": (255, 255, 0),
 }
 SHADE_JITTER = 14  # one brightness shift for all channels: gray stays neutral, never teal or black
 TINT_JITTER = 6  # per channel, on top

@@ -172,3 +172,19 @@ def test_the_demo_examples_are_the_committed_pictures_and_show_what_they_are_nam
         assert committed.read_bytes() == (tmp_path / name).read_bytes(), name
         assert committed.stat().st_size < 20_000
         assert seen(committed)[:2] == (shape, color)
+
+
+def test_each_colour_is_drawn_around_the_rgb_easy_vqa_draws_that_name_in():
+    # The held-out set tests new drawing, not new meanings of the names a model learnt from easy-VQA.
+    from vlm.data.easy_vqa import describe
+
+    records = easy_vqa_questions("train")
+    paths = {r["image_id"]: r["image"] for r in records}
+    drawn: dict[str, set] = {}
+    for image_id, caption in sorted(describe(records).items())[:400]:
+        pixels = np.asarray(Image.open(paths[image_id]).convert("RGB")).reshape(-1, 3)
+        colours, counts = np.unique(pixels, axis=0, return_counts=True)
+        # the most common colour is the background's, the next the shape's one flat colour
+        shape_rgb = tuple(int(v) for v in colours[np.argsort(-counts)[:2]][-1])
+        drawn.setdefault(caption.split()[1], set()).add(shape_rgb)
+    assert drawn == {color: {render.CANONICAL_RGB[color]} for color in COLORS}
