@@ -185,3 +185,26 @@ print(torch._C._is_key_in_tls("tree_manager_containers"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "True"
+
+
+def test_decoding_runs_on_one_daemon_thread_that_returns_results_and_raises_errors_in_the_caller(model, images):
+    # A non-daemon worker (ThreadPoolExecutor's) ends at interpreter exit and releases its thread-local
+    # CUDA-graph state while the interpreter finalizes: now and then the process aborted on exit.
+    import gc
+    import threading
+
+    from vlm.decoding import DecodingThread
+
+    model.generate(**batch(model, images, QUESTIONS[:1]), max_new_tokens=2, decoding="static")
+    first = model._decoder.thread
+    model.generate(**batch(model, images, QUESTIONS[:2]), max_new_tokens=2, decoding="static")
+    assert model._decoder.thread is first and first.daemon and first.is_alive()
+    decoding = DecodingThread()
+    assert decoding.run(lambda a, b: (threading.current_thread(), a + b), 2, 3) == (decoding.thread, 5)
+    with pytest.raises(ValueError, match="bad"):
+        decoding.run(lambda: (_ for _ in ()).throw(ValueError("bad")))
+    thread = decoding.thread
+    del decoding
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()  # a collected model's thread ends, not leaks

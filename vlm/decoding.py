@@ -2,13 +2,20 @@
 
 On an H100 (EfficientNet-Lite0 + SmolLM2-135M, batch 64, 8 new tokens, inputs already on the GPU), generate()
 on a static cache with its compiled decoding step took 94 ms a batch; this loop, with the same compiled step
-and an eager prefill, 60 ms (1,060 questions/s), the same tokens as eager decoding (docs/benchmarks.md, run 8).
+and an eager prefill, 60 ms (1,060 questions/s), the same tokens as eager decoding (docs/benchmarks.md, run 8);
+with the prefill a graph too, 39 ms. The prefill graph is kept at a few padded prompt lengths (run 9).
 generate()'s per-step Python (logits processors, stopping criteria, cache bookkeeping) costs more than a small
 LM's step in a CUDA graph. generate() keeps everything else: sampling, stopping criteria and configured logits
 processors. Greedy answers stream from here too (the demo's default), through the same streamer interface.
 """
 
 from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections import defaultdict
+from concurrent.futures import Future
 
 import torch
 
@@ -99,3 +106,51 @@ class GreedyDecoder:
         if streamer is not None:
             streamer.end()
         return torch.stack(tokens, 1)
+
+
+class DecodingThread:
+    """The one thread a model decodes on (VisionLanguageModel.generate). A daemon, which the process leaves
+    idling on its queue when it exits, and which ends when this object is collected. A ThreadPoolExecutor's
+    worker instead ends at interpreter exit, and its thread-local CUDA-graph state (C++ thread-locals holding
+    Python objects) is then released while the interpreter finalizes: the process aborted with "terminate
+    called without an active exception" in 17 of 100 exits of a minimal reproduction on a loaded CPU, and
+    now and then in the test suite."""
+
+    def __init__(self):
+        jobs = self._jobs = queue.SimpleQueue()
+        self.thread = threading.Thread(target=_serve, args=(jobs,), name="vlm-decoding", daemon=True)
+        self.thread.start()
+        weakref.finalize(self, jobs.put, None).atexit = False  # never at exit: see above
+
+    def run(self, function, *args):
+        """function(*args) on this thread; its result, or its exception raised here."""
+        future: Future = Future()
+        self._jobs.put((future, function, args))
+        return future.result()
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    cuda_graph_thread_state()
+    while (job := jobs.get()) is not None:
+        future, function, args = job
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(function(*args))
+            except BaseException as e:  # raised again in the caller's thread
+                future.set_exception(e)
+        del job, future, function, args  # nothing of the last call stays alive while the thread waits
+
+
+def cuda_graph_thread_state() -> None:
+    """Give this thread CUDA-graph trees' per-thread state. torch before 2.14 creates it only on the thread
+    that first imports inductor, so CUDA graphs on any other thread failed an assertion there (seen on
+    torch 2.11: decoding once training or another compiled model had run on the main thread, and the
+    main thread's compiled model once decoding had compiled first)."""
+    from torch._inductor import cudagraph_trees
+
+    state = cudagraph_trees.local  # a threading.local: its attributes keep the objects the TLS refers to alive
+    if not hasattr(state, "tree_manager_containers") and not torch._C._is_key_in_tls("tree_manager_containers"):
+        state.tree_manager_containers = {}
+        state.tree_manager_locks = defaultdict(threading.Lock)
+        torch._C._stash_obj_in_tls("tree_manager_containers", state.tree_manager_containers)
+        torch._C._stash_obj_in_tls("tree_manager_locks", state.tree_manager_locks)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from threading import Thread
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlm.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
-from vlm.decoding import GreedyDecoder, is_plain_greedy, prefill_length
+from vlm.decoding import DecodingThread, GreedyDecoder, cuda_graph_thread_state, is_plain_greedy, prefill_length
 from vlm.files import atomic_dir
 from vlm.language_model import load_language_model
 from vlm.processor import IGNORE_INDEX, PromptError, VLMProcessor, typed_messages
@@ -63,7 +62,7 @@ class VisionLanguageModel(nn.Module):
         # holds one generation at a time, and torch keeps the CUDA graphs of compiled decoding per thread, so
         # decoding on each caller's thread (the demo starts one per answer) would record them all again.
         self._caches: dict[tuple, object] = {}
-        self._decoder: ThreadPoolExecutor | None = None
+        self._decoder: DecodingThread | None = None
         self._greedy_decoders: dict[bool, GreedyDecoder] = {}  # by compiled or not
         # How packed rows attend (packed_attention_mask): "flex" or "sdpa"; None picks by device.
         self.packed_attention: str | None = None
@@ -279,10 +278,10 @@ class VisionLanguageModel(nn.Module):
         "dynamic" grows it by a token each step, eagerly: the default on a CPU, where compiling gains nothing.
         "static" preallocates it at a bucketed shape (rows and length rounded up to powers of two) and
         reuses it across calls. "compiled" is static with each decoding step a CUDA graph: the default on a
-        GPU, where a small LM's eager step is bound by kernel launches. Greedy batches decode in vlm's own
-        loop (vlm/decoding.py: 4.4x eager generation alone at batch 64 on an H100); sampling and streaming
-        go through transformers' generate(), which compiles its step for a static cache (9x the tokens/s of
-        one streamed answer). Compiling costs seconds per shape, which a few thousand questions do not win
+        GPU, where a small LM's eager step is bound by kernel launches. Greedy answers, batched or streamed,
+        decode in vlm's own loop (vlm/decoding.py: 4.4x eager generation alone at batch 64 on an H100, the
+        demo's first token in 16-21 ms); sampling goes through transformers' generate(), which compiles its
+        step for a static cache. Compiling costs seconds per shape, which a few thousand questions do not win
         back, so `vlm eval` asks for "dynamic" (docs/benchmarks.md, run 8). Prefill runs on the whole batch at
         once: eagerly, or for compiled greedy decoding as a CUDA graph at the prompt length padded up to a power
         of two (left padding, which the attention mask hides), so it compiles once per such length.
@@ -304,12 +303,9 @@ class VisionLanguageModel(nn.Module):
         if self._decoder is None:
             # This thread too: should the decoding thread import inductor first, this one (training, a user's
             # own compiled model) would lack the state (the GPU test after CPU ones failed so on torch 2.11).
-            _cuda_graph_thread_state()
-            self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-decoding",
-                                               initializer=_cuda_graph_thread_state)
-        return self._decoder.submit(
-            self._generate_static, embeds, attention_mask, decoding == "compiled", generate_kwargs
-        ).result()
+            cuda_graph_thread_state()
+            self._decoder = DecodingThread()
+        return self._decoder.run(self._generate_static, embeds, attention_mask, decoding == "compiled", generate_kwargs)
 
     def resolve_decoding(self, decoding: str | None) -> str:
         on_gpu = self.device.type == "cuda"
@@ -516,24 +512,6 @@ def _cache_argument() -> str:
     from transformers import LlamaModel
 
     return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-def _cuda_graph_thread_state() -> None:
-    """Give this thread CUDA-graph trees' per-thread state. torch before 2.14 creates it only on the thread
-    that first imports inductor, so CUDA graphs on any other thread failed an assertion there (seen on
-    torch 2.11: decoding once training or another compiled model had run on the main thread, and the
-    main thread's compiled model once decoding had compiled first)."""
-    import threading
-    from collections import defaultdict
-
-    from torch._inductor import cudagraph_trees
-
-    state = cudagraph_trees.local  # a threading.local: its attributes keep the objects the TLS refers to alive
-    if not hasattr(state, "tree_manager_containers") and not torch._C._is_key_in_tls("tree_manager_containers"):
-        state.tree_manager_containers = {}
-        state.tree_manager_locks = defaultdict(threading.Lock)
-        torch._C._stash_obj_in_tls("tree_manager_containers", state.tree_manager_containers)
-        torch._C._stash_obj_in_tls("tree_manager_locks", state.tree_manager_locks)
 
 
 def check_generation_settings(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, *,
