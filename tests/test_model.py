@@ -50,6 +50,29 @@ def test_loss_on_supervised_positions_equals_the_lms_own_loss(tiny_model, images
     assert ours["num_tokens"] == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def test_a_cpu_training_step_runs_attention_as_matmuls_and_gives_the_projector_the_same_gradient(tiny_model, images):
+    # SDPA's CPU flash kernel has a slow backward on short rows (VisionLanguageModel.forward says how slow);
+    # the frozen tower, run without grad, may keep it.
+    assert tiny_model.lm.config._attn_implementation == "sdpa"
+    batch = training_batch(tiny_model, images)
+    tiny_model.train()
+    with torch.profiler.profile() as prof:
+        tiny_model(**batch)["loss"].backward()
+    ours = [p.grad.clone() for p in tiny_model.projector.parameters()]
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" in ops
+    assert not [op for op in ops if "flash" in op and "backward" in op]
+
+    tiny_model.zero_grad()
+    embeds = tiny_model.embed(batch["input_ids"], tiny_model.image_embeddings(batch["pixel_values"]))
+    with torch.profiler.profile() as prof:  # the LM called directly keeps SDPA's own choice of kernel
+        reference = tiny_model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        reference.loss.backward()
+    assert [event.key for event in prof.key_averages() if "flash" in event.key and "backward" in event.key]
+    for grad, p in zip(ours, tiny_model.projector.parameters(), strict=True):
+        torch.testing.assert_close(grad, p.grad)
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_loss_on_a_padded_batch_equals_the_lms_own_loss_with_its_mask(tiny_model, images, padding_side):
     # Right pads come after every real token, so the loss may skip the mask; left pads may not be skipped.
