@@ -73,18 +73,19 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     config = load_config(args.preset).model
-    if args.random_weights:
-        config = with_random_backbones(config, Path(tempfile.mkdtemp()))
-    model = VisionLanguageModel.from_config(config).to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # random backbones' files: read once, while building the model
+        if args.random_weights:
+            config = with_random_backbones(config, Path(tmp))
+        model = VisionLanguageModel.from_config(config).to(device).eval()
     benchmark = get_benchmark(args.benchmark)
     selection = select(benchmark, data=args.data, limit=args.questions, seed=0)
     settings = {"cot": False, "ocr": False, "batch_size": args.batch, "max_new_tokens": args.max_new_tokens,
                 "decoding": args.decoding}
+    warmup = 4 * args.batch
     start = time.perf_counter()
-    generate(model, select(benchmark, data=args.data, limit=4 * args.batch, seed=1), **settings)  # warm-up
+    generate(model, select(benchmark, data=args.data, limit=warmup, seed=1), **settings)
     print(describe_device(device), flush=True)
-    print(f"warm-up: {4 * args.batch} questions in {time.perf_counter() - start:.1f} s (decoding {args.decoding})",
-          flush=True)
+    print(f"warm-up: {warmup} questions in {time.perf_counter() - start:.1f} s (decoding {args.decoding})", flush=True)
 
     def timed(run) -> tuple[float, int]:
         synchronize(device)
