@@ -73,6 +73,22 @@ def test_a_cpu_training_step_runs_attention_as_matmuls_and_gives_the_projector_t
         torch.testing.assert_close(grad, p.grad)
 
 
+def test_long_cpu_training_rows_keep_the_flash_kernel_whose_memory_grows_with_the_length(tiny_model, images):
+    # The math path keeps every [rows, heads, length, length] score matrix for the backward pass.
+    from vlm.model import MATH_ATTENTION_MAX_LENGTH
+
+    question = "<image>\n" + "what shape is in the image? " * 40
+    batch = training_batch(tiny_model, images, [[{"role": "user", "content": question},
+                                                 {"role": "assistant", "content": "circle"}]])
+    assert batch["input_ids"].shape[1] > MATH_ATTENTION_MAX_LENGTH
+    tiny_model.train()
+    with torch.profiler.profile() as prof:
+        tiny_model(**batch)["loss"].backward()
+    ops = {event.key for event in prof.key_averages()}
+    assert [op for op in ops if "flash" in op and "backward" in op]
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_loss_on_a_padded_batch_equals_the_lms_own_loss_with_its_mask(tiny_model, images, padding_side):
     # Right pads come after every real token, so the loss may skip the mask; left pads may not be skipped.

@@ -37,6 +37,9 @@ DECODING = ("dynamic", "static", "compiled")
 # The shortest static cache, in tokens. Caches are sized in powers of two from here, so a whole eval (prompts
 # of one benchmark, one answer budget) fits one size, and each size is one compiled decoding step.
 MIN_CACHE_LENGTH = 256
+# CPU training rows up to this length attend through SDPA's math path (see forward): its saved scores, about 0.5 GiB
+# at this length for batch 8 and a 30-layer, 9-head LM in fp32, stay small next to the flash kernel's slow backward.
+MATH_ATTENTION_MAX_LENGTH = 256
 
 
 def compile_blocks(part: nn.Module, mode: str | None = None) -> None:
@@ -218,11 +221,12 @@ class VisionLanguageModel(nn.Module):
             attention_mask = self.packed_attention_mask(position_ids)
             attention = self._attention(attention_mask)
         kernel = nullcontext()
-        if embeds.device.type == "cpu" and torch.is_grad_enabled():
+        if embeds.device.type == "cpu" and torch.is_grad_enabled() and embeds.shape[1] <= MATH_ATTENTION_MAX_LENGTH:
             # SDPA's CPU flash kernel has a slow backward for short rows: 5.6 ms a call on the offline preset's
             # 43-token rows, a fifth of its LoRA step with the LM in bf16. As plain matmuls (the math path) that
             # step fell from 870-901 to 724-730 ms, and from 916-940 to 862-924 ms with the LM in fp32 (batch 8,
-            # 2 cores).
+            # 2 cores). The math path keeps every [rows, heads, length, length] score matrix for the backward,
+            # so longer rows keep flash, whose memory grows with the length, not its square.
             kernel = sdpa_kernel(SDPBackend.MATH)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done with
