@@ -55,7 +55,7 @@ def with_random_backbones(config, root: Path):
 def main(argv=None) -> None:
     from vlm.config import load_config
     from vlm.evaluate import _Prompts, generate
-    from vlm.model import DECODING, VisionLanguageModel
+    from vlm.model import DECODING, INFERENCE_DTYPES, VisionLanguageModel, to_accelerator
     from vlm.vqa_benchmarks import get_benchmark, select
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--decoding", choices=DECODING, default="dynamic", help="as `vlm eval --decoding`")
+    parser.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto", help="as `vlm eval --dtype`")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -76,7 +77,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # random backbones' files: read once, while building the model
         if args.random_weights:
             config = with_random_backbones(config, Path(tmp))
-        model = VisionLanguageModel.from_config(config).to(device).eval()
+        model = VisionLanguageModel.from_config(config)
+    to_accelerator(model, args.dtype)
     benchmark = get_benchmark(args.benchmark)
     selection = select(benchmark, data=args.data, limit=args.questions, seed=0)
     settings = {"cot": False, "ocr": False, "batch_size": args.batch, "max_new_tokens": args.max_new_tokens,
@@ -85,7 +87,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     generate(model, select(benchmark, data=args.data, limit=warmup, seed=1), **settings)
     print(describe_device(device), flush=True)
-    print(f"warm-up: {warmup} questions in {time.perf_counter() - start:.1f} s (decoding {args.decoding})", flush=True)
+    print(f"warm-up: {warmup} questions in {time.perf_counter() - start:.1f} s (decoding {args.decoding}, "
+          f"LM in {str(model.lm.dtype).removeprefix('torch.')})", flush=True)
 
     def timed(run) -> tuple[float, int]:
         synchronize(device)

@@ -82,8 +82,10 @@ def test_easy_vqa_default_output_hash_and_fixed_seed_subset(checkpoint, capsys):
     assert results["config_hash"] == hashlib.sha256((checkpoint / "vlm_config.json").read_bytes()).hexdigest()
     assert (results["benchmark"], results["split"], results["n"], results["seed"]) == ("easy_vqa", "test", 6, 0)
     assert results["wall_time_s"] > 0 and results["questions_per_s"] > 0
+    # "auto" keeps a CPU's float32; on a GPU with bfloat16 the LM computes in it
+    dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     assert results["generation"] == {"greedy": True, "max_new_tokens": 16, "batch_size": 4,
-                                     "decoding": "dynamic"}
+                                     "decoding": "dynamic", "dtype": dtype}
     assert "vqa_accuracy" in capsys.readouterr().out
     predictions = (out / "predictions.jsonl").read_text()
 
@@ -118,6 +120,8 @@ class ScriptedModel:
         self.max_new_tokens = []
 
     device = torch.device("cpu")
+    lm = torch.nn.Module()  # to_accelerator casts nothing on a CPU; the results name the LM's dtype
+    lm.dtype = torch.float32
 
     def encode_batch(self, images, conversations):
         return {"conversations": len(conversations)}

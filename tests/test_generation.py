@@ -208,3 +208,25 @@ def test_decoding_runs_on_one_daemon_thread_that_returns_results_and_raises_erro
     gc.collect()
     thread.join(timeout=10)
     assert not thread.is_alive()  # a collected model's thread ends, not leaks
+
+
+def test_inference_in_bfloat16_rounds_the_lms_weights_and_not_ropes_frequencies(model, images):
+    from vlm.model import to_accelerator
+
+    to_accelerator(model, "float32")  # onto the GPU where there is one, weights as they are
+    inputs = batch(model, images, QUESTIONS)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    buffers = {name: buffer.clone() for name, buffer in model.lm.named_buffers() if buffer.is_floating_point()}
+    assert any("inv_freq" in name for name in buffers)
+    to_accelerator(model, "bfloat16")
+    assert {p.dtype for p in model.lm.parameters()} == {torch.bfloat16}
+    for name, buffer in model.lm.named_buffers():
+        if name in buffers:
+            torch.testing.assert_close(buffer, buffers[name], rtol=0, atol=0)
+    with torch.no_grad():
+        rounded = model(**inputs).logits.float()
+    mask = inputs["attention_mask"].bool()
+    # bfloat16 keeps 8 bits of mantissa: logits move by a few hundredths of their spread, not more
+    assert (rounded - reference)[mask].abs().max() < 0.05 * reference[mask].std()
+    assert model.generate(**inputs, max_new_tokens=4).shape == (len(QUESTIONS), 4)

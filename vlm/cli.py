@@ -16,7 +16,7 @@ from vlm.evaluate import compare, run_eval
 from vlm.export import export_llava
 from vlm.files import EXAMPLES_DIR, WriteError
 from vlm.images import ImageError, load_image
-from vlm.model import DECODING, check_generation_settings, load_model
+from vlm.model import DECODING, INFERENCE_DTYPES, check_generation_settings, load_model, to_accelerator
 from vlm.processor import PromptError
 from vlm.train.trainer import STAGES, check_config, load_stage_records, run_training
 from vlm.vqa_benchmarks import BENCHMARKS
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="KV cache and steps (the same greedy answers): a growing cache, eager (default: batched "
                                "evaluation measured fastest so on an H100, docs/benchmarks.md); a static one; or "
                                "a static one with CUDA-graph steps, on a GPU (the demo's choice for one answer)")
+    evaluate.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
+                          help="what the LM's weights compute in (default: bfloat16 on a GPU that has it, as the GPU "
+                               "presets train under mixed precision; as loaded on a CPU)")
     evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results JSON files side by side")
 
     demo = commands.add_parser("demo", help="chat with a checkpoint in a Gradio app")
@@ -121,7 +124,7 @@ def _run(args) -> int:
             return 0
         return run_eval(args.checkpoint, args.benchmark, data=args.data, split=args.split, limit=args.limit,
                         seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        cot=args.cot, ocr=args.ocr, output=args.output, decoding=args.decoding)
+                        cot=args.cot, ocr=args.ocr, output=args.output, decoding=args.decoding, dtype=args.dtype)
     if args.command == "data":
         return _data_check(args)
     if args.command == "demo":
@@ -146,6 +149,7 @@ def _chat(args) -> int:
     check_generation_settings(args.max_new_tokens, args.temperature, args.top_p)
     image = load_image(args.image)
     model = load_model(args.checkpoint, args.config, announce=lambda m: print(m, file=sys.stderr))
+    to_accelerator(model)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
     # One answer: compiling decoding (seconds on a GPU) would take longer than the answer it speeds up.
     for piece in model.stream_chat(image, [{"role": "user", "content": args.question}],

@@ -27,6 +27,7 @@ from vlm.metrics import (
 )
 from vlm.model import (
     CONFIG_FILE,
+    INFERENCE_DTYPES,
     check_generation_settings,
     default_checkpoint,
     load_model,
@@ -43,10 +44,10 @@ COT_MAX_NEW_TOKENS = 256  # room for the reasoning before the final answer
 def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", *, data: str | None = None,
              split: str | None = None, limit: int = 1000, seed: int = 0, batch_size: int = 32,
              max_new_tokens: int | None = None, cot: bool = False, ocr: bool = False,
-             output: str | Path | None = None, decoding: str = "dynamic") -> int:
+             output: str | Path | None = None, decoding: str = "dynamic", dtype: str = "auto") -> int:
     """Score `checkpoint` (default: the trained offline run) on a fixed-seed subset of `benchmark`;
     `data` is a local copy instead of the Hub, `limit` 0 takes every question. `decoding`: see
-    VisionLanguageModel.generate."""
+    VisionLanguageModel.generate; `dtype`: see to_accelerator."""
     task = get_benchmark(benchmark)
     if ocr and task.name != "textvqa":
         raise ConfigError("--ocr adds TextVQA's OCR tokens to the prompt; use it with --benchmark textvqa")
@@ -55,6 +56,8 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
     if max_new_tokens is None:
         max_new_tokens = COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS
     check_generation_settings(max_new_tokens)
+    if dtype not in INFERENCE_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
     checkpoint = _checkpoint_dir(checkpoint)
     # The data is opened (and its columns checked) before the model loads, so a wrong path fails fast.
     selection = select(task, data=data, split=split, limit=limit, seed=seed)
@@ -62,7 +65,7 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
     output = Path(output) if output else checkpoint / "eval" / f"{task.name}{suffix}"
 
     model = load_model(checkpoint, None, announce=lambda m: print(m, file=sys.stderr))
-    to_accelerator(model)
+    to_accelerator(model, dtype)
     try:
         model.resolve_decoding(decoding)
     except ValueError as e:
@@ -91,7 +94,8 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
         "metrics": metrics,
         "prompt": {"chain_of_thought": cot, "ocr_tokens": ocr if task.name == "textvqa" else None},
         "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                       "decoding": model.resolve_decoding(decoding)},
+                       "decoding": model.resolve_decoding(decoding),
+                       "dtype": str(model.lm.dtype).removeprefix("torch.")},
         "checkpoint": str(checkpoint),
         "config_hash": hashlib.sha256((checkpoint / CONFIG_FILE).read_bytes()).hexdigest(),
         "wall_time_s": round(wall, 3),
