@@ -323,6 +323,17 @@ def test_views_differ_keep_the_shape_whole_and_red_and_are_drawn_again_the_same(
         assert np.array_equal(views[1], np.asarray(augmented(image, key, config, 1)))
 
 
+def test_with_original_on_view_0_is_the_picture_itself_and_the_others_still_change_it():
+    from vlm.data.augment import augmented, view_key
+
+    image = _shapes(1)[0]
+    config = _augment(original=True)
+    views = [np.asarray(augmented(image, "a", config, v), np.int16) for v in range(3)]
+    assert np.array_equal(views[0], np.asarray(image, np.int16))
+    assert all(np.abs(view - views[0]).mean() > 3 for view in views[1:])
+    assert view_key("a", config, 0) != view_key("a", _augment(), 0)  # cached apart from the run without it
+
+
 def test_augmented_views_are_cached_once_under_keys_naming_the_settings(tiny_model, tmp_path):
     from vlm.data.augment import view_key
     from vlm.data.batches import cache_items

@@ -109,6 +109,9 @@ class AugmentConfig:
     color: float = 0.1  # brightness, contrast and saturation times [1 - color, 1 + color]; hue never changes
     blur: float = 1.0  # Gaussian blur of up to this radius, in pixels of the source image
     noise: float = 0.02  # pixel noise of up to this standard deviation, as a fraction of the 0-255 range
+    # View 0 is the picture as it is: with K views over K epochs the model sees each original once, and
+    # keeps the pictures' own look, which views alone cost easy-VQA's test split about a point.
+    original: bool = False
 
     def __post_init__(self):
         # (lowest, highest): beyond these a view can change what the answers describe.

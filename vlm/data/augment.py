@@ -4,8 +4,9 @@ A model trained on easy-VQA's pictures alone (one shape, upright, on white, in e
 shapes drawn another way. Each view turns, mirrors, resizes, stretches and moves the picture's content,
 keeping all of it in the frame and filling what it uncovers with the picture's own background, then
 jitters brightness, contrast and saturation a little (never hue, so a colour keeps its name), blurs and
-adds noise. A view is a pure function of (image key, view number, settings): the feature cache stores
-it under `view_key` and a rebuilt cache, or a run without one, sees the same pixels.
+adds noise; with `original`, view 0 is the picture itself. A view is a pure function of (image key, view
+number, settings): the feature cache stores it under `view_key` and a rebuilt cache, or a run without one,
+sees the same pixels.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def _open_view(load, key, config, view):
 
 
 def augmented(image: Image.Image, key: str, config: AugmentConfig, view: int) -> Image.Image:
+    if config.original and view == 0:
+        return image.convert("RGB")
     seed = int.from_bytes(hashlib.sha256(f"{key}\0{view}".encode()).digest()[:8], "little")
     rng = np.random.default_rng(seed)
     image = _moved(image.convert("RGB"), rng, config)
