@@ -570,7 +570,8 @@ def to_accelerator(model: VisionLanguageModel, dtype: str = "auto") -> None:
 
     `dtype` is what the LM's weights compute in: "auto" is bfloat16 on a GPU that has it (what the GPU
     presets train in under mixed precision; a 135M LM decodes about twice as fast as in float32) and
-    the weights as loaded elsewhere (a CPU's bfloat16 matmuls are slower than its float32 ones)."""
+    the weights as loaded on a CPU, where the offline preset trains its LM in float32 and bfloat16's
+    effect on its answers is not measured."""
     if dtype not in INFERENCE_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
     cuda = torch.cuda.is_available()
