@@ -181,6 +181,15 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, args, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_a_dtype_out_of_the_choices_is_named_before_anything_loads(checkpoint, monkeypatch):
+    from vlm.config import ConfigError
+    from vlm.evaluate import run_eval
+
+    monkeypatch.setattr("vlm.evaluate.load_model", lambda *args, **kwargs: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match=r"--dtype must be one of auto, float32, bfloat16, float16, got 'float8'"):
+        run_eval(checkpoint, dtype="float8")
+
+
 def test_missing_checkpoint_and_bad_compare_file(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -27,8 +27,8 @@ from vlm.metrics import (
 )
 from vlm.model import (
     CONFIG_FILE,
-    INFERENCE_DTYPES,
     check_generation_settings,
+    check_inference_dtype,
     default_checkpoint,
     load_model,
     read_checkpoint_config,
@@ -56,8 +56,7 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
     if max_new_tokens is None:
         max_new_tokens = COT_MAX_NEW_TOKENS if cot else DEFAULT_MAX_NEW_TOKENS
     check_generation_settings(max_new_tokens)
-    if dtype not in INFERENCE_DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    check_inference_dtype(dtype)
     checkpoint = _checkpoint_dir(checkpoint)
     # The data is opened (and its columns checked) before the model loads, so a wrong path fails fast.
     selection = select(task, data=data, split=split, limit=limit, seed=seed)

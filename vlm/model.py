@@ -565,6 +565,12 @@ def check_same_backbones(saved: ModelConfig, requested: ModelConfig, directory) 
         )
 
 
+def check_inference_dtype(dtype: str, *, flag_prefix: str = "--") -> None:
+    """ConfigError naming the choices; `vlm eval` asks before any data or weights load, to_accelerator again."""
+    if dtype not in INFERENCE_DTYPES:
+        raise ConfigError(f"{flag_prefix}dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+
+
 def to_accelerator(model: VisionLanguageModel, dtype: str = "auto") -> None:
     """Onto the GPU where there is one, for inference; `vlm eval`, chat and the demo all ask here.
 
@@ -572,8 +578,7 @@ def to_accelerator(model: VisionLanguageModel, dtype: str = "auto") -> None:
     presets train in under mixed precision; a 135M LM decodes about twice as fast as in float32) and
     the weights as loaded on a CPU, where the offline preset trains its LM in float32 and bfloat16's
     effect on its answers is not measured."""
-    if dtype not in INFERENCE_DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    check_inference_dtype(dtype, flag_prefix="")
     cuda = torch.cuda.is_available()
     if cuda:
         model.to("cuda")
