@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from vlm.config import ConfigError, DataSource
 from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler, SkipCounter, TokenizedExamples
@@ -333,6 +333,41 @@ def test_with_original_on_view_0_is_the_picture_itself_and_the_others_still_chan
     assert all(np.abs(view - views[0]).mean() > 3 for view in views[1:])
     assert view_key("a", config, 0) != view_key("a", _augment(), 0)  # cached apart from the run without it
 
+
+
+def test_upscale_redraws_a_flat_shape_larger_with_sharp_edges_and_enlarges_anything_else_as_it_is():
+    from vlm.data.augment import augmented
+
+    still = dict(rotate=0.0, flip=False, scale=0.0, aspect=0.0, shift=0.0, color=0.0, blur=0.0, noise=0.0)
+    config = _augment(upscale=4.0, **still)
+    sharp = _shapes(1)[0]
+    picture = sharp.filter(ImageFilter.GaussianBlur(1.5))  # soft edges, as easy-VQA's look at 224 px
+    drawn_share = (np.abs(np.asarray(sharp, np.int16) - RED).max(axis=-1) < 12).mean()
+
+    def blended(view):  # pixels that are neither the background nor the shape's colour
+        near = lambda colour: np.abs(view - colour).max(axis=-1) < 12  # noqa: E731
+        return ~near((255, 255, 255)) & ~near(RED)
+
+    sizes = set()
+    for key in "abcdef":
+        view = augmented(picture, key, config, 1)
+        sizes.add(view.width)
+        assert view.width == view.height >= picture.width
+        soft = np.asarray(picture.resize(view.size, Image.Resampling.BICUBIC), np.int16)
+        redrawn = np.asarray(view, np.int16)
+        red = np.abs(redrawn - RED).max(axis=-1) < 12
+        # The shape as it was drawn before the blur, in its colour: its share of the frame barely moves...
+        assert abs(red.mean() - drawn_share) < 0.015
+        # ...but its edge is one antialiased pixel wide at the new size, not the enlarged blur.
+        if view.width >= 2 * picture.width:
+            assert blended(redrawn).sum() < 0.5 * blended(soft).sum()
+    assert len(sizes) > 3  # each view its own size, from 1 to 4 times the picture's
+
+    # A redrawn picture holds only blends of two colours (at most 17); a photo keeps its own.
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    view = np.asarray(augmented(photo, "a", config, 1)).reshape(-1, 3)
+    assert len(np.unique(view, axis=0)) > 200
+    assert augmented(picture, "a", _augment(**still), 1).size == picture.size  # upscale 1: the picture's size
 
 def test_augmented_views_are_cached_once_under_keys_naming_the_settings(tiny_model, tmp_path):
     from vlm.data.augment import view_key
