@@ -27,6 +27,11 @@ def device_power(accelerator) -> tuple[str, float]:
     return "cpu", CPU_WATTS
 
 
+def _significant(value: float) -> float:
+    """Three significant figures: a fixed number of decimals reported a run of a fraction of a second as 0 kWh."""
+    return float(f"{value:.3g}")
+
+
 def write_report(output_dir: Path, stages: dict, train_config, accelerator) -> str:
     seconds = sum(s["seconds"] for s in stages.values())
     samples = sum(s["samples"] for s in stages.values())
@@ -41,9 +46,9 @@ def write_report(output_dir: Path, stages: dict, train_config, accelerator) -> s
         "wall_seconds": round(seconds, 1),
         "samples": samples,
         "samples_per_s": round(samples / seconds, 2) if seconds else None,
-        "gpu_hours": round(hours * devices, 4) if device != "cpu" else 0.0,
-        "energy_kwh": round(kwh, 5),
-        "co2_g": round(kwh * train_config.grid_gco2_per_kwh, 2),
+        "gpu_hours": _significant(hours * devices) if device != "cpu" else 0.0,
+        "energy_kwh": _significant(kwh),
+        "co2_g": _significant(kwh * train_config.grid_gco2_per_kwh),
         "assumptions": {"device_watts": watts, "pue": train_config.pue,
                         "grid_gco2_per_kwh": train_config.grid_gco2_per_kwh,
                         "formula": "kWh = W x devices x h x PUE / 1000; gCO2 = kWh x grid"},
