@@ -175,9 +175,11 @@ def test_a_user_who_leaves_mid_answer_stops_the_generation(demo_url, demo_model)
     steps = []
 
     def count_a_slow_step(*_):
-        # A tiny LM could otherwise finish all 400 tokens before the cancel lands on a busy machine.
+        # A tiny LM could otherwise finish all 400 tokens before the cancel lands. gradio_client's cancel waits
+        # for the lock its stream reader holds while it takes in each update: at 10 ms a step the reader held
+        # it nearly all the time and the cancel went out only once all 400 were done (half the runs of this file).
         steps.append(1)
-        time.sleep(0.01)
+        time.sleep(0.05)
 
     hook = demo_model.lm.register_forward_hook(count_a_slow_step)
     try:
