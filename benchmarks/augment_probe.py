@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from benchmarks.render_shapes import TEXTURE, render, rng_for, scene
-from vlm.config import VisionConfig, load_config
+from vlm.config import ConfigError, VisionConfig, load_config
 from vlm.data.augment import CONTENT_THRESHOLD, augmented, border_colour, identity
 from vlm.data.easy_vqa import COLORS, SHAPES, describe, easy_vqa_questions
 from vlm.vision import build_vision_encoder
@@ -119,6 +119,12 @@ def main(argv=None) -> None:
     parser.add_argument("--drawn", type=int, default=1000, help="drawn pictures scored")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "vlm" / "augment-probe"))
     args = parser.parse_args(argv)
+    rows = args.augment or [[]]
+    try:  # every row's settings checked before minutes of features
+        configs = [load_config("easy-vqa-gpu", [f"data.augment.{setting}" for setting in row]).data.augment
+                   for row in rows]
+    except ConfigError as e:
+        raise SystemExit(f"augment_probe: {e}") from None
 
     vision = build_vision_encoder(VisionConfig(backend="efficientnet", name="efficientnet-lite0")).eval()
     features = Features(vision, Path(args.cache) / vision.identity)
@@ -142,8 +148,7 @@ def main(argv=None) -> None:
     print("share of the picture the shape covers, median of 1,000:",
           ", ".join(f"{name} {100 * np.median(share):.1f}%" for name, share in shares.items()))
 
-    for row in args.augment or [[]]:
-        config = load_config("easy-vqa-gpu", [f"data.augment.{setting}" for setting in row]).data.augment
+    for row, config in zip(rows, configs, strict=True):
         start = time.perf_counter()
         views = []
         for epoch in range(args.epochs):

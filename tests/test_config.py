@@ -94,6 +94,7 @@ def test_on_and_off_are_options_not_booleans():
     ("data.augment.views=-2", r"data.augment.views=-2 is out of range; use a value at least 0"),
     ("data.augment.color=0.5", r"data.augment.color=0.5 is out of range; use a value from 0 to 0.2"),
     ("data.augment.rotate=270", r"data.augment.rotate=270.0 is out of range; use a value from 0 to 180"),
+    ("data.augment.upscale=0.5", r"data.augment.upscale=0.5 is out of range; use a value from 1 to 8"),
     ("data.augment.views=four", r"data.augment.views must be int, got 'four'"),
     ("data.augment.rotation=90", r"did you mean 'data.augment.rotate'"),
 ])
