@@ -30,7 +30,7 @@ from PIL import Image
 
 from benchmarks.render_shapes import TEXTURE, render, rng_for, scene
 from vlm.config import ConfigError, VisionConfig, load_config
-from vlm.data.augment import CONTENT_THRESHOLD, augmented, border_colour, identity
+from vlm.data.augment import CONTENT_THRESHOLD, augmented, distance_from_background, identity
 from vlm.data.easy_vqa import COLORS, SHAPES, describe, easy_vqa_questions
 from vlm.vision import build_vision_encoder
 
@@ -70,8 +70,8 @@ class Features:
 
 def content_share(image: Image.Image) -> float:
     """The share of the picture's pixels that differ from its border's colour as augment.py tells content."""
-    pixels = np.asarray(image.convert("RGB"), np.int16)
-    return float((np.abs(pixels - border_colour(pixels)).max(axis=-1) > CONTENT_THRESHOLD).mean())
+    _, distance = distance_from_background(np.asarray(image.convert("RGB")))
+    return float((distance > CONTENT_THRESHOLD).mean())
 
 
 def viewed(paths: list[str], config, view: int, indices) -> list[Image.Image]:

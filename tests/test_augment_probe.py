@@ -9,6 +9,7 @@ from PIL import Image
 
 from benchmarks import augment_probe
 from benchmarks import render_shapes as render
+from vlm.data.augment import distance_from_background
 from vlm.data.easy_vqa import COLORS, SHAPES
 
 
@@ -19,7 +20,7 @@ def test_easy_vqa_labels_name_the_colour_the_pictures_are_drawn_in():
     palette = np.array([render.CANONICAL_RGB[c] for c in COLORS], float)
     for path, (colour, _) in list(zip(paths, labels.tolist(), strict=True))[::40]:
         pixels = np.asarray(Image.open(path).convert("RGB"), float)
-        shape = np.abs(pixels - augment_probe.border_colour(pixels)).max(axis=-1) > 100
+        shape = distance_from_background(pixels)[1] > 100
         nearest = np.abs(palette - np.median(pixels[shape], axis=0)).sum(axis=1).argmin()
         assert COLORS[nearest] == COLORS[colour], path
 

@@ -334,7 +334,6 @@ def test_with_original_on_view_0_is_the_picture_itself_and_the_others_still_chan
     assert view_key("a", config, 0) != view_key("a", _augment(), 0)  # cached apart from the run without it
 
 
-
 def test_upscale_redraws_a_flat_shape_larger_with_sharp_edges_and_enlarges_anything_else_as_it_is():
     from vlm.data.augment import augmented
 
@@ -368,6 +367,7 @@ def test_upscale_redraws_a_flat_shape_larger_with_sharp_edges_and_enlarges_anyth
     view = np.asarray(augmented(photo, "a", config, 1)).reshape(-1, 3)
     assert len(np.unique(view, axis=0)) > 200
     assert augmented(picture, "a", _augment(**still), 1).size == picture.size  # upscale 1: the picture's size
+
 
 def test_augmented_views_are_cached_once_under_keys_naming_the_settings(tiny_model, tmp_path):
     from vlm.data.augment import view_key

@@ -106,7 +106,6 @@ def test_two_stage_run_writes_a_loadable_checkpoint_and_its_records(tmp_path, ti
         run_training(config, [])
 
 
-
 def test_the_report_keeps_the_energy_of_a_run_of_a_fraction_of_a_second(tmp_path):
     from types import SimpleNamespace
 
@@ -120,6 +119,7 @@ def test_the_report_keeps_the_energy_of_a_run_of_a_fraction_of_a_second(tmp_path
     kwh = 65 * 0.05 / 3600 * 1.2 / 1000  # the CPU's default 65 W and PUE 1.2, over 0.05 s
     assert report["energy_kwh"] == pytest.approx(kwh, rel=0.01)
     assert report["co2_g"] == pytest.approx(kwh * 400, rel=0.01)
+
 
 def test_lora_stage_saves_and_reloads_the_adapter(tmp_path, tiny_model_config, llava_data, images):
     config = write_config(tmp_path, tiny_model_config, llava_data, stage="instruct")

@@ -79,12 +79,18 @@ def border_colour(pixels: np.ndarray) -> np.ndarray:
     return np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
 
 
+def distance_from_background(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The background colour, and each pixel's largest channel difference from it: over CONTENT_THRESHOLD is
+    content."""
+    background = border_colour(pixels)
+    return background, np.abs(pixels.astype(np.float64) - background).max(axis=-1)
+
+
 def _moved(image: Image.Image, rng: np.random.Generator, config: AugmentConfig) -> Image.Image:
     """The content stretched, resized, mirrored and turned about its centre, then moved, all in one resampling."""
-    pixels = np.asarray(image)
-    background = border_colour(pixels)
+    background, distance = distance_from_background(np.asarray(image))
     size = np.array([image.width, image.height], np.float64)
-    ys, xs = np.nonzero(np.abs(pixels.astype(np.int16) - background).max(axis=-1) > CONTENT_THRESHOLD)
+    ys, xs = np.nonzero(distance > CONTENT_THRESHOLD)
     low, high = (np.array([xs.min(), ys.min()]), np.array([xs.max(), ys.max()]) + 1) if len(xs) else (0 * size, size)
     centre = (low + high) / 2
 
@@ -124,8 +130,7 @@ def _redrawn(image: Image.Image, factor: float) -> Image.Image:
     """
     width, height = round(image.width * factor), round(image.height * factor)
     pixels = np.asarray(image, np.float64)
-    background = border_colour(pixels)
-    distance = np.abs(pixels - background).max(axis=-1)
+    background, distance = distance_from_background(pixels)
     content = distance > CONTENT_THRESHOLD
     if not content.any():
         return image.resize((width, height), Image.Resampling.BICUBIC)
