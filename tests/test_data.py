@@ -49,6 +49,8 @@ def test_hf_source_maps_columns_and_picks_the_most_common_answer(tmp_path):
     assert examples[0].messages == [{"role": "user", "content": f"<image>\nWhat colour?\n{SHORT_ANSWER}"},
                                     {"role": "assistant", "content": "red"}]
     assert examples[1].messages[1]["content"] == "2"
+    # A model trained to answer the question alone (model.lm.short_answer_prompt="") is asked it alone.
+    assert load_examples(source, "instruct", "")[0].messages[0]["content"] == "<image>\nWhat colour?"
     assert examples[0].load().getpixel((0, 0)) == (255, 0, 0)
     assert examples[0].key != examples[1].key
 

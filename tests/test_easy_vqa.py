@@ -45,3 +45,19 @@ def test_instruct_conversations_hold_the_configured_number_of_questions_each_ask
         assert len(questions) == len(set(questions)) == len(asked)
         if turns == 1:
             assert len(records) == len(asked)
+
+
+def test_the_short_answer_prompt_follows_every_question_or_is_left_out():
+    from vlm.config import DataSource
+    from vlm.data.sources import load_examples
+    from vlm.prompts import SHORT_ANSWER
+
+    source = DataSource(kind="easy_vqa", turns=2, limit=20)
+    llava, bare = load_examples(source, "instruct"), load_examples(source, "instruct", "")
+    for i in range(20):
+        for asked, alone in zip(llava[i].messages, bare[i].messages, strict=True):
+            if asked["role"] == "user":
+                assert asked["content"] == f"{alone['content']}\n{SHORT_ANSWER}"
+                assert SHORT_ANSWER not in alone["content"]
+            else:
+                assert asked == alone

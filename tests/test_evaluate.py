@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vlm.cli import main
+from vlm.config import ModelConfig
 from vlm.evaluate import score
 from vlm.metrics import exact_match, extract_choice, pope_scores, vqa_accuracy
 
@@ -103,6 +104,26 @@ def test_easy_vqa_default_output_hash_and_fixed_seed_subset(checkpoint, capsys):
     assert first == again and first != other
 
 
+def test_eval_asks_each_question_as_the_checkpoint_was_trained_to_read_it(tiny_model_config, tmp_path):
+    import dataclasses
+
+    from vlm.model import VisionLanguageModel
+    from vlm.prompts import SHORT_ANSWER
+
+    lm = dataclasses.replace(tiny_model_config.lm, short_answer_prompt="")
+    VisionLanguageModel.from_config(dataclasses.replace(tiny_model_config, lm=lm)).save_pretrained(tmp_path / "bare")
+    VisionLanguageModel.from_config(tiny_model_config).save_pretrained(tmp_path / "older")
+    # A checkpoint saved before the setting existed has no such key: it keeps LLaVA's prompt.
+    config_file = tmp_path / "older" / "vlm_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["model"]["lm"]["short_answer_prompt"]
+    config_file.write_text(json.dumps(saved))
+    bare = _eval(tmp_path / "bare", tmp_path / "bare-eval", "--limit", "3")[1]
+    older = _eval(tmp_path / "older", tmp_path / "older-eval", "--limit", "3")[1]
+    assert [p["prompt"] for p in bare] == [p["question"] for p in bare]
+    assert [p["prompt"] for p in older] == [f"{p['question']}\n{SHORT_ANSWER}" for p in older]
+
+
 def test_textvqa_ocr_prompt_is_recorded(checkpoint, benchmark_data, tmp_path):
     out = tmp_path / "ocr"
     results, predictions = _eval(checkpoint, out, "--benchmark", "textvqa", "--data", str(benchmark_data["textvqa"]),
@@ -120,6 +141,7 @@ class ScriptedModel:
         self.max_new_tokens = []
 
     device = torch.device("cpu")
+    config = ModelConfig()  # prompts ask as the default model was trained to read them
     lm = torch.nn.Module()  # to_accelerator casts nothing on a CPU; the results name the LM's dtype
     lm.dtype = torch.float32
 

@@ -130,7 +130,7 @@ def plan_stages(requested: list[str], checkpoints: list[Path], resume: bool, out
 
 
 def load_stage_records(config: Config, name: str) -> Records:
-    records = load_examples(getattr(config.data, name), name)
+    records = load_examples(getattr(config.data, name), name, config.model.lm.short_answer_prompt)
     if not len(records):
         counts = ", ".join(f"{n} {reason}" for reason, n in records.skipped.most_common()) or "the source is empty"
         raise ConfigError(f"data.{name} has no record to train on ({counts}); check data.{name}.path")

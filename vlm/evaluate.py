@@ -171,7 +171,8 @@ class _Prompts:
         record = self.selection[position]
         if "error" in record:
             return record
-        record["prompt"] = build_prompt(record, self.selection.benchmark, cot=self.cot, ocr=self.ocr)
+        record["prompt"] = build_prompt(record, self.selection.benchmark, cot=self.cot, ocr=self.ocr,
+                                        short_answer=self.model.config.lm.short_answer_prompt)
         try:
             self.model.check_prompt_fits(record["image"], self._conversation(record), self.max_new_tokens)
         except PromptError as e:

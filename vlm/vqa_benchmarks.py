@@ -23,7 +23,7 @@ from vlm.config import ConfigError
 from vlm.data.easy_vqa import easy_vqa_questions
 from vlm.data.hub import open_dataset
 from vlm.images import ImageError, load_image
-from vlm.prompts import MULTIPLE_CHOICE, SHORT_ANSWER
+from vlm.prompts import MULTIPLE_CHOICE, SHORT_ANSWER, short_answer_question
 
 # Chain-of-thought mode replaces LLaVA's direct-answer suffix; the final line is then
 # read back with vlm.metrics.extract_final_answer.
@@ -192,8 +192,10 @@ def get_benchmark(name: str) -> Benchmark:
     return BENCHMARKS[name]
 
 
-def build_prompt(record: dict, benchmark: Benchmark, *, cot: bool = False, ocr: bool = False) -> str:
-    """The user turn, as LLaVA-1.5 / lmms-eval ask it (without the image placeholder)."""
+def build_prompt(record: dict, benchmark: Benchmark, *, cot: bool = False, ocr: bool = False,
+                 short_answer: str = SHORT_ANSWER) -> str:
+    """The user turn, as LLaVA-1.5 / lmms-eval ask it (without the image placeholder); `short_answer` replaces
+    LLaVA's short-answer instruction for a model trained with another (model.lm.short_answer_prompt)."""
     if benchmark.multiple_choice:
         context = f"Context: {record['context']}\n" if record.get("context") else ""
         question = record["question"]
@@ -202,7 +204,7 @@ def build_prompt(record: dict, benchmark: Benchmark, *, cot: bool = False, ocr: 
             question = f"{question}\n{options}"
         return f"{context}{question}\n{COT_MULTIPLE_CHOICE if cot else MULTIPLE_CHOICE}"
     reference = f"\nReference OCR token: {', '.join(record['ocr_tokens'])}" if ocr else ""
-    return f"{record['question']}{reference}\n{COT_SHORT_ANSWER if cot else SHORT_ANSWER}"
+    return short_answer_question(f"{record['question']}{reference}", COT_SHORT_ANSWER if cot else short_answer)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from vlm.data.hub import open_dataset
 from vlm.images import ImageError, load_image
 from vlm.language_model import IMAGE_TOKEN
 from vlm.processor import with_image_placeholder
-from vlm.prompts import SHORT_ANSWER
+from vlm.prompts import SHORT_ANSWER, short_answer_question
 
 CAPTION_PROMPT = "Describe the image briefly."
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -123,9 +123,12 @@ class Records(Sequence):
         return Example(self.key(index), load, messages)
 
 
-def load_examples(source: DataSource, stage: str) -> Records:
-    loaders = {"easy_vqa": _easy_vqa, "llava": _llava, "hf": _hugging_face}
-    return loaders[source.kind](source, stage)
+def load_examples(source: DataSource, stage: str, short_answer_prompt: str = SHORT_ANSWER) -> Records:
+    """The stage's records; `short_answer_prompt` (model.lm.short_answer_prompt) follows each question that
+    easy_vqa and hf question/answer columns bring; LLaVA JSON and conversation columns keep their own text."""
+    if source.kind == "llava":
+        return _llava(source, stage)
+    return (_easy_vqa if source.kind == "easy_vqa" else _hugging_face)(source, stage, short_answer_prompt)
 
 
 def check_source(source: DataSource, stage: str) -> None:
@@ -158,7 +161,7 @@ def _limited(rows: Iterable, limit: int) -> Iterable:
     return itertools.islice(rows, limit) if limit else rows
 
 
-def _easy_vqa(source: DataSource, stage: str) -> Records:
+def _easy_vqa(source: DataSource, stage: str, short_answer_prompt: str) -> Records:
     records = easy_vqa_questions(source.split)
     paths = {r["image_id"]: r["image"] for r in records}
     if stage == "align":
@@ -174,7 +177,8 @@ def _easy_vqa(source: DataSource, stage: str) -> Records:
         for start in range(0, len(questions), source.turns):
             messages = []
             for turn, r in enumerate(questions[start: start + source.turns]):
-                messages += [_user(f"{r['question']}\n{SHORT_ANSWER}", turn == 0), _assistant(r["answer"])]
+                messages += [_user(short_answer_question(r["question"], short_answer_prompt), turn == 0),
+                             _assistant(r["answer"])]
             rows.append((key, paths[image_id], messages))
     # The dataset lists each image's questions together; interleave so a prefix (data limit) spans many images.
     random.Random(0).shuffle(rows)
@@ -256,7 +260,7 @@ def conversation_messages(turns, has_image: bool) -> list[dict] | str:
     return with_image_placeholder(messages)
 
 
-def _hugging_face(source: DataSource, stage: str) -> Records:
+def _hugging_face(source: DataSource, stage: str, short_answer_prompt: str) -> Records:
     dataset = open_dataset(source.path, source.split, source.config, context=f"data.{stage}",
                            set_path=f"set data.{stage}.path=PATH", set_split=f"set data.{stage}.split=NAME",
                            set_config=f"set data.{stage}.config=NAME")
@@ -275,7 +279,8 @@ def _hugging_face(source: DataSource, stage: str) -> Records:
 
     def rows():
         for i, row in enumerate(texts):
-            messages = _row_messages(layout, {role: row[c] for role, c in columns.items() if c in row}, int(counts[i]))
+            messages = _row_messages(layout, {role: row[c] for role, c in columns.items() if c in row}, int(counts[i]),
+                                     short_answer_prompt)
             if isinstance(messages, str):
                 skipped[messages] += 1
                 continue
@@ -328,7 +333,7 @@ def _image_counts(dataset, column: str) -> np.ndarray:
     return pc.cast(pc.is_valid(cells), pa.int64()).to_numpy()
 
 
-def _row_messages(layout: str, row: dict, images: int) -> list[dict] | str:
+def _row_messages(layout: str, row: dict, images: int, short_answer_prompt: str) -> list[dict] | str:
     """A hf row's chat messages (roles -> values), or the reason it cannot be trained on."""
     if images > 1:
         return SEVERAL_IMAGES
@@ -340,7 +345,8 @@ def _row_messages(layout: str, row: dict, images: int) -> list[dict] | str:
         return "no image"
     if layout == "caption":
         return [_user(CAPTION_PROMPT, True), _assistant(_one_answer(row["caption"]))]
-    return [_user(f"{row['question']}\n{SHORT_ANSWER}", True), _assistant(_one_answer(row["answer"]))]
+    return [_user(short_answer_question(row["question"], short_answer_prompt), True),
+            _assistant(_one_answer(row["answer"]))]
 
 
 def _cauldron_turns(texts):
