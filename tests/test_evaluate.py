@@ -118,10 +118,15 @@ def test_eval_asks_each_question_as_the_checkpoint_was_trained_to_read_it(tiny_m
     saved = json.loads(config_file.read_text())
     del saved["model"]["lm"]["short_answer_prompt"]
     config_file.write_text(json.dumps(saved))
-    bare = _eval(tmp_path / "bare", tmp_path / "bare-eval", "--limit", "3")[1]
-    older = _eval(tmp_path / "older", tmp_path / "older-eval", "--limit", "3")[1]
+    bare_results, bare = _eval(tmp_path / "bare", tmp_path / "bare-eval", "--limit", "3")
+    older_results, older = _eval(tmp_path / "older", tmp_path / "older-eval", "--limit", "3")
     assert [p["prompt"] for p in bare] == [p["question"] for p in bare]
     assert [p["prompt"] for p in older] == [f"{p['question']}\n{SHORT_ANSWER}" for p in older]
+    # The results say how the questions were asked, so a score is never read as LLaVA-prompted when it was not.
+    assert bare_results["prompt"]["short_answer"] == ""
+    assert older_results["prompt"]["short_answer"] == SHORT_ANSWER
+    assert "without LLaVA-1.5's instruction" in (tmp_path / "bare-eval" / "results.md").read_text()
+    assert "- prompt: LLaVA-1.5 suffixes" in (tmp_path / "older-eval" / "results.md").read_text()
 
 
 def test_textvqa_ocr_prompt_is_recorded(checkpoint, benchmark_data, tmp_path):

@@ -35,6 +35,7 @@ from vlm.model import (
     to_accelerator,
 )
 from vlm.processor import PromptError
+from vlm.prompts import SHORT_ANSWER
 from vlm.vqa_benchmarks import build_prompt, get_benchmark, select
 
 DEFAULT_MAX_NEW_TOKENS = 16  # LLaVA-1.5's and lmms-eval's budget for short answers
@@ -91,7 +92,9 @@ def run_eval(checkpoint: str | Path | None = None, benchmark: str = "easy_vqa", 
         "limit": limit,
         "seed": seed,
         "metrics": metrics,
-        "prompt": {"chain_of_thought": cot, "ocr_tokens": ocr if task.name == "textvqa" else None},
+        "prompt": {"chain_of_thought": cot, "ocr_tokens": ocr if task.name == "textvqa" else None,
+                   # The instruction after each short-answer question, as the checkpoint was trained with it
+                   "short_answer": None if task.multiple_choice or cot else model.config.lm.short_answer_prompt},
         "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                        "decoding": model.resolve_decoding(decoding),
                        "dtype": str(model.lm.dtype).removeprefix("torch.")},
@@ -260,7 +263,8 @@ def markdown(results: dict) -> str:
         "",
         f"- data: {results['source']}, {results['n_selected']} of {results['rows_in_split']} questions "
         f"(seed {results['seed']}); {results['n']} scored, {results['n_skipped']} malformed skipped",
-        f"- prompt: LLaVA-1.5 suffixes, chain of thought {'on' if prompt['chain_of_thought'] else 'off'}"
+        f"- prompt: {_suffixes(prompt.get('short_answer'))}, "
+        f"chain of thought {'on' if prompt['chain_of_thought'] else 'off'}"
         + ("" if ocr is None else f", OCR tokens {'in' if ocr else 'not in'} the prompt"),
         f"- generation: greedy, at most {results['generation']['max_new_tokens']} new tokens, "
         f"batch {results['generation']['batch_size']}, {results['generation'].get('decoding', 'dynamic')} decoding",
@@ -268,6 +272,14 @@ def markdown(results: dict) -> str:
         f"- wall time {results['wall_time_s']:.1f} s, {results['questions_per_s']} questions/s",
     ]
     return "\n".join(lines)
+
+
+def _suffixes(short_answer: str | None) -> str:
+    if short_answer is None or short_answer == SHORT_ANSWER:  # None: multiple choice, or results saved before
+        return "LLaVA-1.5 suffixes"
+    if not short_answer:
+        return "each short-answer question alone, without LLaVA-1.5's instruction"
+    return f"short-answer instruction {json.dumps(short_answer)}"
 
 
 def _read_results(path: str) -> dict:
