@@ -169,6 +169,22 @@ def test_exported_model_never_generates_the_image_token(tiny_model_config, tmp_p
     assert unsuppressed[0, -1] == image_token_id
 
 
+@pytest.mark.parametrize("short_answer_prompt", ["", "One word."])
+def test_export_says_how_training_asked_short_answer_questions(short_answer_prompt, tiny_model_config, tmp_path,
+                                                                capsys):
+    import dataclasses
+
+    lm = dataclasses.replace(tiny_model_config.lm, short_answer_prompt=short_answer_prompt)
+    checkpoint(dataclasses.replace(tiny_model_config, lm=lm), tmp_path / "ckpt")
+    export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    note = capsys.readouterr().err
+    assert "model.lm.short_answer_prompt" in note
+    assert ("alone" in note) == (short_answer_prompt == "") and ("One word." in note) == bool(short_answer_prompt)
+    checkpoint(tiny_model_config, tmp_path / "llava-asked")  # LLaVA's instruction: nothing to say
+    export_llava(str(tmp_path / "llava-asked"), str(tmp_path / "out2"))
+    assert "short_answer_prompt" not in capsys.readouterr().err
+
+
 def test_export_replaces_an_earlier_export_but_not_other_folders(tiny_model_config, tmp_path):
     checkpoint(tiny_model_config, tmp_path / "ckpt")
     export_llava(str(tmp_path / "ckpt"), str(tmp_path / "out"))

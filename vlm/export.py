@@ -11,6 +11,7 @@ and a fully fine-tuned LM (the checkpoint's `lm/` folder) replaces the base LM.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from vlm.config import ConfigError
 from vlm.files import atomic_dir
 from vlm.language_model import IMAGE_TOKEN
 from vlm.model import VisionLanguageModel, read_checkpoint_config
+from vlm.prompts import SHORT_ANSWER
 
 # The processor's template turns transformers' multimodal message format ([{"type": "image"},
 # {"type": "text", "text": ...}]) into the text vlm feeds the LM's own template: `<image>\n` where
@@ -120,6 +122,22 @@ def export_llava(checkpoint: str, out: str) -> None:
     with atomic_dir(target) as staging:
         llava.save_pretrained(staging)
         processor.save_pretrained(staging)
+    note = short_answer_note(config.lm.short_answer_prompt)
+    if note:
+        print(note, file=sys.stderr)
+
+
+def short_answer_note(short_answer_prompt: str) -> str | None:
+    """What a user of the export must know where training asked short-answer questions otherwise than LLaVA-1.5:
+    the instruction is part of each question's text, which no chat template or config of the folder carries,
+    and LLaVA-style harnesses (lmms-eval) append LLaVA's."""
+    if short_answer_prompt == SHORT_ANSWER:
+        return None
+    asked = ("alone, with no instruction after them" if not short_answer_prompt
+             else f"followed by {json.dumps(short_answer_prompt)}")
+    return (f"note: this model was trained on short-answer questions asked {asked} "
+            f"(model.lm.short_answer_prompt), not followed by LLaVA-1.5's {json.dumps(SHORT_ANSWER)}; "
+            "ask it the same way, since harnesses that append LLaVA's instruction ask it otherwise")
 
 
 def check_exportable(config, checkpoint: Path) -> None:
