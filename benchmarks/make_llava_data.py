@@ -46,6 +46,9 @@ from statistics import NormalDist
 import numpy as np
 from PIL import Image, ImageDraw
 
+# LLaVA-1.5's instructions, as its 665k mix writes them after VQA questions
+from vlm.prompts import MULTIPLE_CHOICE, SHORT_ANSWER
+
 VERSION = 1
 
 # Independent RNG streams per image, so that changing how text is written never changes the pictures.
@@ -70,8 +73,6 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 # Long side / short side, weighted roughly as COCO's sizes are.
 ASPECTS = ((4 / 3, 0.55), (3 / 2, 0.15), (16 / 9, 0.12), (5 / 4, 0.08), (1.0, 0.10))
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 # LLaVA's brief-description instructions (LLaVA-Pretrain draws from these).
 BRIEF_PROMPTS = (
     "Describe the image concisely.", "Provide a brief description of the given image.",
