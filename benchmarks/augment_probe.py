@@ -120,8 +120,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "vlm" / "augment-probe"))
     args = parser.parse_args(argv)
     rows = args.augment or [[]]
-    try:  # every row's settings checked before minutes of features
-        configs = [load_config("easy-vqa-gpu", [f"data.augment.{setting}" for setting in row]).data.augment
+    try:  # every row's settings checked before minutes of features; a row starts from the defaults, not a preset's
+        configs = [load_config(None, [f"data.augment.{setting}" for setting in row]).data.augment
                    for row in rows]
     except ConfigError as e:
         raise SystemExit(f"augment_probe: {e}") from None
