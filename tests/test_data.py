@@ -325,6 +325,30 @@ def test_views_differ_keep_the_shape_whole_and_red_and_are_drawn_again_the_same(
         assert np.array_equal(views[1], np.asarray(augmented(image, key, config, 1)))
 
 
+def test_background_repaints_only_the_background_and_leaves_a_photo_as_it_is():
+    from vlm.data.augment import augmented, flat_shape
+
+    still = dict(rotate=0.0, flip=False, scale=0.0, aspect=0.0, shift=0.0, color=0.0, blur=0.0, noise=0.0)
+    picture = _shapes(1)[0]
+    shape = np.abs(np.asarray(picture, np.int16) - RED).max(axis=-1) < 12
+    assert np.array_equal(np.asarray(augmented(picture, "a", _augment(**still), 1)), np.asarray(picture))
+    spreads = []
+    for key in "abcdef":
+        view = np.asarray(augmented(picture, key, _augment(background=0.2, **still), 1), np.int16)
+        inside = shape & ~(np.roll(shape, 1, 0) ^ shape) & ~(np.roll(shape, 1, 1) ^ shape)  # not on its edge
+        assert np.abs(view[inside] - RED).max() <= 1  # the shape keeps its colour exactly
+        far = ~shape & (np.abs(view - RED).max(axis=-1) > 100)  # background, away from the shape
+        assert np.abs(view[far] - 255).max() <= 0.2 * 255 + 1  # moved by at most `background` of the range
+        spreads.append(view[far].std(axis=0).max())
+    assert np.median(spreads) > 3  # the background varies across the picture, not one flat tint
+    assert len({round(float(s), 3) for s in spreads}) == len(spreads)  # each view its own
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    assert flat_shape(np.asarray(photo, np.float64)) is None
+    assert np.array_equal(np.asarray(augmented(photo, "a", _augment(background=0.2, **still), 1)),
+                          np.asarray(augmented(photo, "a", _augment(**still), 1)))
+
+
 def test_with_original_on_view_0_is_the_picture_itself_and_the_others_still_change_it():
     from vlm.data.augment import augmented, view_key
 

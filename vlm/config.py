@@ -120,6 +120,9 @@ class AugmentConfig:
     # A view is drawn at 1 to `upscale` times the picture's size, a flat shape's edges redrawn sharp at that size;
     # 1 = the picture's own size and edges.
     upscale: float = 1.0
+    # The background repainted in smooth gradients and blotches that move each channel by up to this fraction of
+    # the 0-255 range, the shape's own colour untouched (a flat shape on a flat background only); 0 = as it is.
+    background: float = 0.0
     # View 0 is the picture as it is: with K views over K epochs the model sees each original once, and
     # keeps the pictures' own look, which views alone cost easy-VQA's test split about a point.
     original: bool = False
@@ -127,7 +130,7 @@ class AugmentConfig:
     def __post_init__(self):
         # (lowest, highest): beyond these a view can change what the answers describe.
         limits = {"views": (0, None), "rotate": (0, 180), "scale": (0, 0.9), "aspect": (0, 1), "shift": (0, 1),
-                  "color": (0, 0.2), "blur": (0, 3), "noise": (0, 0.1), "upscale": (1, 8)}
+                  "color": (0, 0.2), "blur": (0, 3), "noise": (0, 0.1), "upscale": (1, 8), "background": (0, 0.3)}
         for key, (low, high) in limits.items():
             value = getattr(self, key)
             if value < low or (high is not None and value > high):

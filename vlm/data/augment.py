@@ -2,7 +2,8 @@
 
 A model trained on easy-VQA's pictures alone (one shape, upright, on white, in exact colours) fails on
 shapes drawn another way. Each view turns, mirrors, resizes, stretches and moves the picture's content,
-keeping all of it in the frame and filling what it uncovers with the picture's own background, then
+keeping all of it in the frame and filling what it uncovers with the picture's own background, with
+`background` repaints that background in gradients and blotches (the shape's colour untouched), then
 jitters brightness, contrast and saturation a little (never hue, so a colour keeps its name), blurs and
 adds noise; with `original`, view 0 is the picture itself. With `upscale`, a view is drawn larger, its edges
 sharp: easy-VQA's pictures are 64 px, and resized softly to the tower's input they never show a sharp edge,
@@ -67,6 +68,8 @@ def augmented(image: Image.Image, key: str, config: AugmentConfig, view: int) ->
     if factor > 1:
         image = _redrawn(image, factor)
     image = _moved(image, rng, config)
+    if config.background:
+        image = _repainted(image, rng, config.background)
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         image = enhance(image).enhance(rng.uniform(1 - config.color, 1 + config.color))
     image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, config.blur) * factor))
@@ -129,18 +132,50 @@ def _redrawn(image: Image.Image, factor: float) -> Image.Image:
     the drawn set, below the 92.7-94.0% of runs without them (issue 15, the 2026-11-25 session's note).
     """
     width, height = round(image.width * factor), round(image.height * factor)
-    pixels = np.asarray(image, np.float64)
+    flat = flat_shape(np.asarray(image, np.float64))
+    if flat is None:
+        return image.resize((width, height), Image.Resampling.BICUBIC)
+    background, colour, share = flat
+    fine = Image.fromarray(share.astype(np.float32), mode="F").resize(
+        (width * SUPERSAMPLE, height * SUPERSAMPLE), Image.Resampling.BICUBIC)
+    covered = (np.asarray(fine) >= 0.5).reshape(height, SUPERSAMPLE, width, SUPERSAMPLE).mean(axis=(1, 3))
+    return Image.fromarray((background + covered[..., None] * (colour - background)).round().clip(0, 255)
+                           .astype(np.uint8))
+
+
+def _repainted(image: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
+    """A flat shape's background repainted as a smooth gradient plus blotches, each channel moved by up to
+    `strength` of the 0-255 range; the shape keeps its colour, and its edge blends it into the new background.
+    Anything else (a photo, say) is left as it is: its background is not one colour to repaint."""
+    flat = flat_shape(np.asarray(image, np.float64))
+    if flat is None:
+        return image
+    background, colour, share = flat
+    height, width = share.shape
+    ys, xs = np.mgrid[0:height, 0:width]
+    angle = rng.uniform(0, 2 * np.pi)
+    along = xs * np.cos(angle) + ys * np.sin(angle)
+    along = 2 * (along - along.min()) / max(np.ptp(along), 1.0) - 1
+    gradient = along[..., None] * rng.uniform(-1, 1, 3)
+    cells = int(rng.integers(2, 9))  # from a broad wash to blotches an eighth of the picture across
+    grid = rng.uniform(-1, 1, (cells, cells, 3)).astype(np.float32)
+    blotches = np.stack([np.asarray(Image.fromarray(grid[..., c], mode="F").resize(
+        (width, height), Image.Resampling.BICUBIC)) for c in range(3)], axis=-1)
+    field = strength * 255 / 2 * (rng.uniform(0, 1) * gradient + rng.uniform(0, 1) * blotches)
+    pixels = (background + field) * (1 - share[..., None]) + colour * share[..., None]
+    return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+
+
+def flat_shape(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A picture of one flat shape on a flat background ([height, width, 3] in) as its background colour, the
+    shape's colour and each pixel's share of the shape's colour (its position on the line between the two);
+    None where it shows no shape, or is something else: more than NOT_FLAT_SHARE of its pixels off that line."""
     background, distance = distance_from_background(pixels)
     content = distance > CONTENT_THRESHOLD
     if not content.any():
-        return image.resize((width, height), Image.Resampling.BICUBIC)
+        return None
     colour = np.median(pixels[distance >= np.median(distance[content])], axis=0)  # its least blended pixels
     direction = colour - background
     share = np.clip((pixels - background) @ direction / (direction @ direction), 0, 1)
     off_line = np.abs(pixels - background - share[..., None] * direction).max(axis=-1) > CONTENT_THRESHOLD
-    if off_line.mean() > NOT_FLAT_SHARE:
-        return image.resize((width, height), Image.Resampling.BICUBIC)
-    fine = Image.fromarray(share.astype(np.float32), mode="F").resize(
-        (width * SUPERSAMPLE, height * SUPERSAMPLE), Image.Resampling.BICUBIC)
-    covered = (np.asarray(fine) >= 0.5).reshape(height, SUPERSAMPLE, width, SUPERSAMPLE).mean(axis=(1, 3))
-    return Image.fromarray((background + covered[..., None] * direction).round().clip(0, 255).astype(np.uint8))
+    return None if off_line.mean() > NOT_FLAT_SHARE else (background, colour, share)
