@@ -1,15 +1,14 @@
 """Views of a training picture that keep every answer about it true, for data like easy-VQA's.
 
-A model trained on easy-VQA's pictures alone (one shape, upright, on white, in exact colours) fails on
-shapes drawn another way. Each view turns, mirrors, resizes, stretches and moves the picture's content,
-keeping all of it in the frame and filling what it uncovers with the picture's own background, with
-`background` repaints that background in gradients and blotches (the shape's colour untouched), then
-jitters brightness, contrast and saturation a little (never hue, so a colour keeps its name), blurs and
-adds noise; with `original`, view 0 is the picture itself. With `upscale`, a view is drawn larger, its edges
-sharp: easy-VQA's pictures are 64 px, and resized softly to the tower's input they never show a sharp edge,
-while users' pictures of shapes mostly do. A view is a pure function of (image key, view
-number, settings): the feature cache stores it under `view_key` and a rebuilt cache, or a run without one,
-sees the same pixels.
+A model trained on easy-VQA's pictures alone (one shape, upright, on white, in exact colours) fails on shapes
+drawn another way. Each view turns, mirrors, resizes, stretches and moves the picture's content, keeping all
+of it in the frame and filling what it uncovers with the picture's own background (which `background` then
+repaints in gradients and blotches, the shape's colour untouched), then jitters brightness, contrast and
+saturation a little (never hue, so a colour keeps its name), blurs and adds noise; with `original`, view 0 is
+the picture itself. With `upscale`, a view is drawn larger, its edges sharp: easy-VQA's pictures are 64 px,
+and resized softly to the tower's input they never show a sharp edge, while users' pictures of shapes mostly
+do. A view is a pure function of (image key, view number, settings): the feature cache stores it under
+`view_key` and a rebuilt cache, or a run without one, sees the same pixels.
 """
 
 from __future__ import annotations
