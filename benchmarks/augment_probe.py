@@ -117,6 +117,8 @@ def main(argv=None) -> None:
                         help="data.augment settings of one row; repeat for more rows (none: one row without views)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--drawn", type=int, default=1000, help="drawn pictures scored")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="the tower's input size, as model.vision.image_size (0: its own, 224 px)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "vlm" / "augment-probe"))
     args = parser.parse_args(argv)
     rows = args.augment or [[]]
@@ -126,7 +128,8 @@ def main(argv=None) -> None:
     except ConfigError as e:
         raise SystemExit(f"augment_probe: {e}") from None
 
-    vision = build_vision_encoder(VisionConfig(backend="efficientnet", name="efficientnet-lite0")).eval()
+    vision = build_vision_encoder(VisionConfig(backend="efficientnet", name="efficientnet-lite0",
+                                                image_size=args.image_size)).eval()
     features = Features(vision, Path(args.cache) / vision.identity)
     train_paths, train_labels = easy_vqa_pictures("train")
     test_paths, test_labels = easy_vqa_pictures("test")
