@@ -128,8 +128,11 @@ def main(argv=None) -> None:
     except ConfigError as e:
         raise SystemExit(f"augment_probe: {e}") from None
 
-    vision = build_vision_encoder(VisionConfig(backend="efficientnet", name="efficientnet-lite0",
-                                                image_size=args.image_size)).eval()
+    try:
+        vision_config = VisionConfig(backend="efficientnet", name="efficientnet-lite0", image_size=args.image_size)
+    except ConfigError as e:
+        raise SystemExit(f"augment_probe: {e}") from None
+    vision = build_vision_encoder(vision_config).eval()
     features = Features(vision, Path(args.cache) / vision.identity)
     train_paths, train_labels = easy_vqa_pictures("train")
     test_paths, test_labels = easy_vqa_pictures("test")

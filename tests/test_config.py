@@ -102,3 +102,11 @@ def test_augmentation_settings_out_of_range_stop_with_the_key_and_the_range(over
     assert load_config("offline").data.augment.views == 0  # off unless asked for
     with pytest.raises(ConfigError, match=message):
         load_config("offline", [override])
+
+
+@pytest.mark.parametrize("size", [-5, 8])
+def test_an_input_size_below_the_towers_stride_stops_with_the_key_and_the_fix(size):
+    assert load_config("offline", ["model.vision.image_size=32"]).model.vision.image_size == 32
+    assert load_config("offline", ["model.vision.image_size=0"]).model.vision.image_size == 0
+    with pytest.raises(ConfigError, match=rf"model.vision.image_size={size} is too small; use 0 .* or at least 32"):
+        load_config("offline", [f"model.vision.image_size={size}"])

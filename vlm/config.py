@@ -43,6 +43,11 @@ class VisionConfig:
     # (easy-VQA's are 64 px) lose nothing at 128 px and cost a third of the compute.
     image_size: int = 0
 
+    def __post_init__(self):
+        if self.image_size < 0 or 0 < self.image_size < 32:  # EfficientNet's stride: smaller leaves no feature map
+            raise ConfigError(f"model.vision.image_size={self.image_size} is too small; use 0 (the tower's own size) "
+                              f"or at least 32")
+
 
 @dataclass
 class ProjectorConfig:
