@@ -122,16 +122,15 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "vlm" / "augment-probe"))
     args = parser.parse_args(argv)
     rows = args.augment or [[]]
-    try:  # every row's settings checked before minutes of features; a row starts from the defaults, not a preset's
+    # Every row's settings and the tower's size are checked before minutes of features; a row starts from the
+    # defaults, not a preset's.
+    try:
         configs = [load_config(None, [f"data.augment.{setting}" for setting in row]).data.augment
                    for row in rows]
-    except ConfigError as e:
-        raise SystemExit(f"augment_probe: {e}") from None
-
-    try:
         vision_config = VisionConfig(backend="efficientnet", name="efficientnet-lite0", image_size=args.image_size)
     except ConfigError as e:
         raise SystemExit(f"augment_probe: {e}") from None
+
     vision = build_vision_encoder(vision_config).eval()
     features = Features(vision, Path(args.cache) / vision.identity)
     train_paths, train_labels = easy_vqa_pictures("train")
