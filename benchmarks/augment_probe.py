@@ -119,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--drawn", type=int, default=1000, help="drawn pictures scored")
     parser.add_argument("--image-size", type=int, default=0,
                         help="the tower's input size, as model.vision.image_size (0: its own, 224 px)")
+    parser.add_argument("--last-block-features", action="store_true",
+                        help="the tower's tokens as model.vision.last_block_features=true gives them")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "vlm" / "augment-probe"))
     args = parser.parse_args(argv)
     rows = args.augment or [[]]
@@ -127,7 +129,8 @@ def main(argv=None) -> None:
     try:
         configs = [load_config(None, [f"data.augment.{setting}" for setting in row]).data.augment
                    for row in rows]
-        vision_config = VisionConfig(backend="efficientnet", name="efficientnet-lite0", image_size=args.image_size)
+        vision_config = VisionConfig(backend="efficientnet", name="efficientnet-lite0", image_size=args.image_size,
+                                     last_block_features=args.last_block_features)
     except ConfigError as e:
         raise SystemExit(f"augment_probe: {e}") from None
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -59,3 +61,36 @@ def test_misspelt_efficientnet_name_is_named_not_reported_as_a_missing_package()
     with pytest.raises(ConfigError, match="is not an EfficientNet-Lite name") as error:
         build_vision_encoder(VisionConfig(backend="efficientnet", name="efficientnet-lite9"))
     assert "pip install" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def random_efficientnet(tmp_path_factory):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("efficientnet") / "lite0.pth"
+    torch.save(EfficientNet.from_name("efficientnet-lite0").state_dict(), path)
+    return str(path)
+
+
+def test_last_block_features_add_the_last_blocks_output_beside_the_heads(random_efficientnet, images):
+    config = VisionConfig(backend="efficientnet", name="efficientnet-lite0", pretrained=random_efficientnet,
+                          image_size=64)
+    head_only = build_vision_encoder(config)
+    both = build_vision_encoder(dataclasses.replace(config, last_block_features=True))
+    caught = {}
+    both.tower._blocks[-1].register_forward_hook(lambda module, inputs, output: caught.update(block=output))
+    pixels = head_only.preprocess(images[:2])
+    features = both(pixels)
+
+    width = head_only.hidden_size
+    assert both.hidden_size == width + caught["block"].shape[1]
+    assert both.num_patches == head_only.num_patches
+    torch.testing.assert_close(features[..., :width], head_only(pixels))
+    torch.testing.assert_close(features[..., width:], caught["block"].flatten(2).transpose(1, 2))
+    assert both.identity != head_only.identity  # cached features of one are never read as the other's
+
+
+def test_last_block_features_on_a_clip_tower_is_a_config_error(tiny_clip_dir):
+    with pytest.raises(ConfigError, match="efficientnet backend only"):
+        build_vision_encoder(VisionConfig(backend="hf", name=str(tiny_clip_dir), last_block_features=True))

@@ -42,6 +42,10 @@ class VisionConfig:
     # efficientnet: input resolution (0 = the model's own, 224 for lite0). Small source images
     # (easy-VQA's are 64 px) lose nothing at 128 px and cost a third of the compute.
     image_size: int = 0
+    # efficientnet: each token also carries the last block's output (320 channels for lite0) beside the head's
+    # (1280), concatenated. The head's 1x1 conv and ReLU6 keep what ImageNet's classes need; the block's
+    # linear output keeps more of a flat colour (README, "Train": 6 more points of drawn colour in the probe).
+    last_block_features: bool = False
 
     def __post_init__(self):
         if self.image_size < 0 or 0 < self.image_size < 32:  # EfficientNet's stride: smaller leaves no feature map

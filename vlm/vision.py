@@ -45,7 +45,7 @@ class VisionEncoder(nn.Module):
         c = self.config
         preprocess = hashlib.sha256(self.preprocess_id.encode()).hexdigest()[:12]
         return (f"{c.backend}:{c.name}:{c.pretrained}:layer{c.feature_layer}:dropcls{c.drop_cls}:"
-                f"{self.image_size}px:{preprocess}")
+                f"{self.image_size}px:{preprocess}" + (":last-block" if c.last_block_features else ""))
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self._transform(image.convert("RGB")) for image in images])
@@ -62,6 +62,9 @@ def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
         raise ConfigError(
             "model.vision.image_size applies to the efficientnet backend only; CLIP towers use their own size"
         )
+    if config.last_block_features and config.backend != "efficientnet":
+        raise ConfigError("model.vision.last_block_features applies to the efficientnet backend only; "
+                          "CLIP towers choose their layer with model.vision.feature_layer")
     return builders[config.backend](config)
 
 
@@ -128,7 +131,14 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
 
     def extract(x):
         # The final 1x1 conv's map before global pooling is the CNN's "penultimate" representation.
-        return tower.extract_features(x).flatten(2).transpose(1, 2)
+        if not config.last_block_features:
+            return tower.extract_features(x).flatten(2).transpose(1, 2)
+        # extract_features, keeping the last block's output too (drop-connect is off: the tower is in eval mode).
+        x = tower._swish(tower._bn0(tower._conv_stem(x)))
+        for block in tower._blocks:
+            x = block(x)
+        head = tower._swish(tower._bn1(tower._conv_head(x)))
+        return torch.cat([head, x], dim=1).flatten(2).transpose(1, 2)
 
     return VisionEncoder(config, tower, extract, transform, size, repr(transform))
 
