@@ -95,12 +95,7 @@ def num_patches(config: VisionConfig) -> int:
 
     # The CNN's padding makes its feature map hard to state in a formula; a randomly initialised copy
     # (no weights read, a few million parameters) measures it.
-    try:
-        tower = EfficientNet.from_name(config.name).eval()
-    except (ValueError, AssertionError):
-        raise ConfigError(
-            f"model.vision.name={config.name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)"
-        ) from None
+    tower = _efficientnet_named(config.name).eval()
     size = config.image_size or EfficientNet.get_image_size(config.name)
     with torch.no_grad():
         return tower.extract_features(torch.zeros(1, 3, size, size))[0, 0].numel()
@@ -110,12 +105,7 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
     from efficientnet_lite_pytorch import EfficientNet
     from torchvision import transforms
 
-    try:  # before the weights: a misspelt name is not a missing package
-        tower = EfficientNet.from_name(config.name)
-    except (ValueError, AssertionError):
-        raise ConfigError(
-            f"model.vision.name={config.name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)"
-        ) from None
+    tower = _efficientnet_named(config.name)  # before the weights: a misspelt name is not a missing package
     weights = config.pretrained or _packaged_efficientnet_weights(config.name)
     if not Path(weights).is_file():
         raise ConfigError(f"model.vision.pretrained={weights!r}: no such weights file")
@@ -141,6 +131,18 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
         return torch.cat([head, x], dim=1).flatten(2).transpose(1, 2)
 
     return VisionEncoder(config, tower, extract, transform, size, repr(transform))
+
+
+def _efficientnet_named(name: str) -> nn.Module:
+    """A randomly initialised EfficientNet-Lite of that name."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    try:
+        return EfficientNet.from_name(name)
+    except (ValueError, AssertionError):
+        raise ConfigError(
+            f"model.vision.name={name!r} is not an EfficientNet-Lite name (efficientnet-lite0..4)"
+        ) from None
 
 
 def _packaged_efficientnet_weights(name: str) -> str:
