@@ -23,7 +23,6 @@ from torch import nn
 
 from benchmarks import train_throughput
 from benchmarks.common import (
-    build_llava,
     build_vlm,
     describe_device,
     print_table,
@@ -114,18 +113,13 @@ def main(argv=None) -> None:
         vcfg = vision_config(PAIR[0], args.tiny)
         image_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
         pixels = torch.randn(args.batch, 3, vcfg.image_size, vcfg.image_size, device=device)
-        image_token_id = train_throughput._image_token_id(lm_dir)
 
         reset_memory(device, forget_compiled=True)
-        llava = build_llava(*PAIR, args.tiny, image_token_id=image_token_id, device=device)
-        compiled = torch.compile(llava)
-        batch = train_throughput.make_batch(args.batch, image_tokens, args.text_tokens, image_token_id, device)
-        step = train_throughput.make_step(
-            llava, lambda m=compiled, b=batch: m(**b, pixel_values=pixels.to(torch.bfloat16)).loss, device)
+        step = train_throughput.llava_step(*PAIR, lm_dir, 1, True, pixels, image_tokens, args)
         reference = train_throughput.measure(step, device, args)["seconds"]
         rows.append({"system": "llava compiled", "fp8 linears": 0, "step ms": reference * 1e3,
                      "vs llava compiled": 1.0})
-        del llava, compiled, step
+        del step
 
         for variant in options.variants:
             reset_memory(device, forget_compiled=True)
