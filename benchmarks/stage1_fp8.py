@@ -115,7 +115,7 @@ def main(argv=None) -> None:
         pixels = torch.randn(args.batch, 3, vcfg.image_size, vcfg.image_size, device=device)
 
         reset_memory(device, forget_compiled=True)
-        step = train_throughput.llava_step(*PAIR, lm_dir, 1, True, pixels, image_tokens, args)
+        step = train_throughput.llava_step("llava compiled", *PAIR, lm_dir, 1, pixels, image_tokens, args)
         reference = train_throughput.measure(step, device, args)["seconds"]
         rows.append({"system": "llava compiled", "fp8 linears": 0, "step ms": reference * 1e3,
                      "vs llava compiled": 1.0})

@@ -132,8 +132,7 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
         lora_r = 16 if stage == 2 else 0
         for system in [name for name in REFERENCES if name in args.systems]:
             reset_memory(device, forget_compiled=True)
-            compiled = system == "llava compiled"
-            step = llava_step(vision_name, lm_name, lm_dir, stage, compiled, pixels, image_tokens, args)
+            step = llava_step(system, vision_name, lm_name, lm_dir, stage, pixels, image_tokens, args)
             tag = system.replace(" ", "_")
             record(
                 REFERENCES[system],
@@ -166,17 +165,18 @@ def run_pair(vision_name: str, lm_name: str, args, root: Path) -> list[dict]:
     return rows
 
 
-def llava_step(vision_name: str, lm_name: str, lm_dir: Path, stage: int, compiled: bool, pixels: torch.Tensor,
+def llava_step(system: str, vision_name: str, lm_name: str, lm_dir: Path, stage: int, pixels: torch.Tensor,
                image_tokens: int, args):
-    """One training step of the transformers LLaVA reference on the benchmark's batch, eager or compiled."""
+    """One training step of the transformers LLaVA reference `system` ("llava" eager, "llava compiled") on the
+    benchmark's batch."""
     device = args.device
     llava = build_llava(vision_name, lm_name, args.tiny, image_token_id=_image_token_id(lm_dir), device=device)
     if stage == 2:
         add_lora(llava.model.language_model)
-    _print_attention("llava compiled" if compiled else "llava", llava.config.vision_config, llava.config.text_config)
+    _print_attention(system, llava.config.vision_config, llava.config.text_config)
     # transformers' own way to speed up a model: torch.compile on the whole of it, default mode. The
     # optimizer and autocast are the eager reference's; compiling happens in the warm-up.
-    forward = torch.compile(llava) if compiled else llava
+    forward = torch.compile(llava) if system == "llava compiled" else llava
     batch = make_batch(args.batch, image_tokens, args.text_tokens, _image_token_id(lm_dir), device)
     return make_step(llava, lambda m=forward, b=batch: m(**b, pixel_values=pixels.to(torch.bfloat16)).loss, device)
 
