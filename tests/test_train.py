@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from vlm.cli import main
 from vlm.config import ConfigError
-from vlm.model import VisionLanguageModel
+from vlm.model import PROJECTOR_FILE, VisionLanguageModel
 from vlm.train.trainer import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +133,39 @@ def test_lora_stage_saves_and_reloads_the_adapter(tmp_path, tiny_model_config, l
     assert model.lm_training_mode() == "lora"
 
 
+def test_lora_on_the_top_block_with_the_projector_frozen_trains_only_that_block(
+    tmp_path, tiny_model_config, llava_data
+):
+    config = write_config(tmp_path, tiny_model_config, llava_data, keep_last=100)
+    stage2 = ["train.instruct.train_lm=lora", "train.instruct.lora_layers=1", "train.instruct.train_projector=false"]
+    assert run_training(config, stage2) == 0
+    run = tmp_path / "run"
+    adapter = load_file(run / "final" / "lora" / "adapter_model.safetensors")
+    adapted = {int(re.search(r"\.layers\.(\d+)\.", key)[1]) for key in adapter}
+    assert adapted == {1}  # the tiny LM's top block of 2
+    assert {key.split(".lora_")[0].rsplit(".", 1)[1] for key in adapter} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    reloaded = VisionLanguageModel.from_pretrained(run / "final")
+    assert {re.search(r"\.layers\.(\d+)\.", name)[1] for name, _ in reloaded.lm.named_modules()
+            if name.endswith("lora_A")} == {"1"}
+    align_end = [c for c in (run / "checkpoints").iterdir() if c.name.startswith("align") and "done" in c.name]
+    projector = load_file(run / "final" / PROJECTOR_FILE)
+    aligned = load_file(align_end[0] / "model" / PROJECTOR_FILE)
+    assert projector.keys() == aligned.keys()
+    for key in projector:
+        torch.testing.assert_close(projector[key], aligned[key], rtol=0, atol=0)
+
+
+def test_lora_layers_beyond_the_decoder_name_the_limit(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from vlm.train.trainer import lora_targets
+
+    with pytest.raises(ConfigError, match="the LM has 2 decoder blocks; set it to at most 2"):
+        lora_targets(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), 3)
+
+
 def test_compiled_run_learns_what_the_eager_run_learns(tmp_path, tiny_model_config, llava_data, monkeypatch):
     # Compiled blocks must never fall back to eager silently (dynamo's recompile limit) or change the numbers.
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
@@ -155,6 +189,8 @@ def test_compiled_run_learns_what_the_eager_run_learns(tmp_path, tiny_model_conf
     ("train.instruct.train_lm=half", "train.instruct.train_lm"),
     ("train.instruct.packing=always", "train.instruct.packing='always' is not an option"),
     ("train.instruct.pack_length=100", "train.instruct.pack_length=100 is shorter than data.max_length=256"),
+    ("train.instruct.train_projector=false", "train.instruct would train nothing"),
+    ("train.align.lora_layers=2", "train.align.lora_layers=2: it counts the top decoder blocks"),
 ])
 def test_bad_config_stops_before_any_model_loads(
     tmp_path, tiny_model_config, llava_data, monkeypatch, override, message

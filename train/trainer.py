@@ -38,7 +38,7 @@ from vlm.data.batches import (
 from vlm.data.check import stop_on_fatal_findings
 from vlm.data.feature_cache import FeatureCache, ensure_fits, feature_spec
 from vlm.data.sources import Records, check_source, load_examples
-from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel
+from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel, decoder_blocks
 from vlm.train.checkpoint import (
     Progress,
     check_run_folder,
@@ -183,6 +183,12 @@ def check_config(config: Config, stages: list[str]) -> None:
         stage: StageConfig = getattr(config.train, name)
         if name == "align" and stage.train_lm != "none":
             raise ConfigError("train.align.train_lm must be none: stage 1 trains the projector only")
+        if not stage.train_projector and stage.train_lm == "none":
+            raise ConfigError(f"train.{name} would train nothing: with train_projector false, set train_lm "
+                              "to lora or full")
+        if stage.lora_layers < 0 or (stage.lora_layers and stage.train_lm != "lora"):
+            raise ConfigError(f"train.{name}.lora_layers={stage.lora_layers}: it counts the top decoder blocks "
+                              "that get LoRA (train_lm: lora); 0 means all of them")
         for key in ("batch_size", "grad_accum"):
             if getattr(stage, key) < 1:
                 raise ConfigError(f"train.{name}.{key} must be at least 1")
@@ -353,11 +359,28 @@ def configure_trainable(model: VisionLanguageModel, stage: StageConfig) -> list[
         from peft import LoraConfig, get_peft_model
 
         model.lm = get_peft_model(model.lm, LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha,
-                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                       target_modules=lora_targets(model.lm, stage.lora_layers),
+                                                       task_type="CAUSAL_LM"))
     elif stage.train_lm == "full":
         model.lm.requires_grad_(True)
-    model.projector.requires_grad_(True)
+    model.projector.requires_grad_(stage.train_projector)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_targets(lm: torch.nn.Module, top_blocks: int) -> str | list[str]:
+    """peft's target_modules: every linear layer of the decoder ("all-linear"), or those of its top blocks."""
+    if not top_blocks:
+        return "all-linear"
+    blocks = decoder_blocks(lm)
+    if top_blocks > len(blocks):
+        raise ConfigError(f"lora_layers={top_blocks}, but the LM has {len(blocks)} decoder blocks; "
+                          f"set it to at most {len(blocks)}, or 0 for all")
+    top = {id(block) for block in blocks[-top_blocks:]}
+    names = []
+    for name, module in lm.named_modules():
+        if id(module) in top:
+            names += [f"{name}.{sub}" for sub, layer in module.named_modules() if isinstance(layer, torch.nn.Linear)]
+    return names
 
 
 @torch.no_grad()

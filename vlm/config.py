@@ -182,6 +182,13 @@ class StageConfig:
     train_lm: Literal["none", "lora", "full"] = "none"  # instruct stage only
     lora_r: int = 16
     lora_alpha: int = 32
+    # LoRA on the linear layers of the top lora_layers decoder blocks only; 0 = every block. Each adapted
+    # layer adds small matmuls whose overhead a CPU feels: LoRA on the top 15 of SmolLM2-135M's 30 blocks
+    # took the offline preset's stage 2 from 904 to 688 s, at a cost in accuracy (docs/benchmarks.md,
+    # "Shortening the CPU quickstart's stage 2"). With the projector frozen too (train_projector: false,
+    # LLaVA's freeze_mm_mlp_adapter), the backward stops at the lowest adapted block.
+    lora_layers: int = 0
+    train_projector: bool = True
 
 
 @dataclass

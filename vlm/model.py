@@ -47,10 +47,20 @@ MATH_ATTENTION_MAX_LENGTH = 256
 def compile_blocks(part: nn.Module, mode: str | None = None) -> None:
     """torch.compile every block of each stack of identical blocks in `part` (a tower, a decoder): one
     compiled frame serves them all, so compiling costs one block's trace, not the whole stack's."""
-    for stack in part.modules():
-        if isinstance(stack, nn.ModuleList) and len({type(block) for block in stack}) == 1:
-            for block in stack:
-                block.compile(mode=mode)
+    for stack in block_stacks(part):
+        for block in stack:
+            block.compile(mode=mode)
+
+
+def block_stacks(part: nn.Module) -> list[nn.ModuleList]:
+    """Each stack of identical blocks in `part`: the layers of a tower, of a decoder."""
+    return [stack for stack in part.modules()
+            if isinstance(stack, nn.ModuleList) and len({type(block) for block in stack}) == 1]
+
+
+def decoder_blocks(lm: PreTrainedModel) -> nn.ModuleList:
+    """The LM's decoder blocks, bottom first."""
+    return max(block_stacks(lm.get_decoder()), key=len)
 
 
 class VisionLanguageModel(nn.Module):
