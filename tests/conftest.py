@@ -9,6 +9,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_bf16():
+    """`auto` precision computes float32 in every test, whatever the CPU running the suite: with bf16 autocast
+    (CPUs with AVX512-BF16 or AMX) losses that tests compare across runs, such as a stage's last held-out loss and
+    the next stage's first, differ in the sixth digit. tests/test_precision.py covers both kinds of CPU."""
+    with pytest.MonkeyPatch.context() as patch:
+        for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            patch.setattr(torch.cpu, check, lambda: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -597,7 +597,7 @@ def to_accelerator(model: VisionLanguageModel, dtype: str = "auto") -> None:
         model.to("cuda")
     if dtype == "auto":
         if cuda:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else None
+            dtype = "bfloat16" if bf16_is_fast("cuda") else None
         else:
             dtype = None if model.lm.dtype == torch.float32 or bf16_is_fast("cpu") else "float32"
     if dtype:
