@@ -422,8 +422,9 @@ def _precision(setting: str) -> str:
 
 
 def warn_if_bf16_is_slow(config: Config) -> None:
-    for setting in (f"train.mixed_precision={config.train.mixed_precision}", f"model.lm.dtype={config.model.lm.dtype}"):
-        if setting.endswith(("=bf16", "=bfloat16")) and (warning := slow_bf16_warning(setting)):
+    asked = {"train.mixed_precision": config.train.mixed_precision, "model.lm.dtype": config.model.lm.dtype}
+    for key, value in asked.items():
+        if value in ("bf16", "bfloat16") and (warning := slow_bf16_warning(f"{key}={value}")):
             print(f"vlm train: warning: {warning}", file=sys.stderr)
 
 

@@ -4,7 +4,7 @@ A GPU with bf16 does, and so does a CPU with bf16 matrix instructions (AVX512-BF
 Lake and later; AMX: Intel Sapphire Rapids and later). A CPU without them has no fast bf16 matmul in PyTorch:
 on a 2-core AMD EPYC with AVX2 only (Zen 3), a stage-2 step of the offline preset took 40 s under bf16
 autocast against 2.2 s in float32, while on a 2-core Zen 4 bf16 was the faster (docs/benchmarks.md,
-"Shortening the CPU quickstart's stage 2").
+"A CPU without bf16 instructions").
 """
 
 from __future__ import annotations
