@@ -14,8 +14,10 @@ def cpu_without_bf16():
     """`auto` precision computes float32 in every test, whatever the CPU running the suite: with bf16 autocast
     (CPUs with AVX512-BF16 or AMX) losses that tests compare across runs, such as a stage's last held-out loss and
     the next stage's first, differ in the sixth digit. tests/test_precision.py covers both kinds of CPU."""
+    from vlm.precision import CPU_BF16_CHECKS
+
     with pytest.MonkeyPatch.context() as patch:
-        for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        for check in CPU_BF16_CHECKS:
             patch.setattr(torch.cpu, check, lambda: False)
         yield
 
