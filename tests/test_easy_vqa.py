@@ -1,3 +1,7 @@
+from pathlib import Path
+
+import pytest
+
 from vlm.data.easy_vqa import COLORS, SHAPES, describe, easy_vqa_questions
 
 
@@ -61,3 +65,38 @@ def test_the_short_answer_prompt_follows_every_question_or_is_left_out():
                 assert SHORT_ANSWER not in alone["content"]
             else:
                 assert asked == alone
+
+
+def test_described_conversations_put_their_pictures_caption_where_the_image_was_and_keep_every_answer():
+    from vlm.config import DataSource
+    from vlm.data.sources import load_examples
+    from vlm.language_model import IMAGE_TOKEN
+
+    captions = describe(easy_vqa_questions("train"))
+    shown = load_examples(DataSource(kind="easy_vqa", turns=1, limit=2000), "instruct", "")
+    worded = load_examples(DataSource(kind="easy_vqa", turns=1, limit=2000, described=0.6), "instruct", "")
+    assert len(worded) == len(shown)
+    in_words = with_caption = 0
+    for i in range(len(shown)):
+        image_id = int(Path(shown.key(i).split(":")[0]).stem)
+        caption = captions.get(image_id)
+        with_caption += caption is not None
+        assert shown[i].load is not None and shown[i].messages[1] == worded[i].messages[1]
+        if worded[i].load is None:
+            in_words += 1
+            assert worded.key(i) == ""  # no image, so nothing for the feature cache to key
+            assert worded[i].messages[0]["content"] == shown[i].messages[0]["content"].replace(IMAGE_TOKEN, caption)
+        else:
+            assert (worded.key(i), worded[i].messages) == (shown.key(i), shown[i].messages)
+    assert 0.55 < in_words / with_caption < 0.65
+
+
+def test_described_is_refused_where_there_is_no_caption_to_use_or_no_picture_left():
+    from vlm.config import ConfigError, DataSource
+    from vlm.data.sources import check_source
+
+    check_source(DataSource(kind="easy_vqa", described=0.6), "instruct")
+    with pytest.raises(ConfigError, match="data.align.described is for easy_vqa questions"):
+        check_source(DataSource(kind="easy_vqa", described=0.5), "align")
+    with pytest.raises(ConfigError, match=r"data.instruct.described=1.0: .* up to, not including, 1"):
+        check_source(DataSource(kind="easy_vqa", described=1.0), "instruct")

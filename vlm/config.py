@@ -112,6 +112,13 @@ class DataSource:
     # prompt, but a later turn's answer can often be read off an earlier turn ("what is the blue shape?"
     # then "what color is the shape?"), which teaches copying instead of looking.
     turns: int = 4
+    # easy_vqa instruct only: the share of conversations asked with the picture put in words instead of shown,
+    # its stage-1 caption where the image would be ("A blue rectangle.\nis there a red shape?", no image), of
+    # those whose picture has a caption (78% of easy-VQA's conversations have one).
+    # SmolLM2-135M learns to check a yes/no question against such a text in 150-300 steps, against 600-1,000
+    # against the picture's tokens, and the check carries over to the pictures (docs/benchmarks.md, "The
+    # picture put in words").
+    described: float = 0.0
 
 
 @dataclass(frozen=True)  # hashable: the feature cache keys views by these settings

@@ -147,6 +147,12 @@ def check_source(source: DataSource, stage: str) -> None:
         raise ConfigError(f"data.{stage}.split=test: easy-VQA's test split is for `vlm eval`, never for training")
     if source.turns < 1:
         raise ConfigError(f"data.{stage}.turns={source.turns}: a conversation needs at least 1 question")
+    if source.described and (source.kind != "easy_vqa" or stage != "instruct"):
+        raise ConfigError(f"data.{stage}.described is for easy_vqa questions (data.instruct), where each picture has "
+                          "a caption to put in words; leave it at 0 here")
+    if not 0 <= source.described < 1:
+        raise ConfigError(f"data.{stage}.described={source.described}: a share of conversations from 0 up to, "
+                          "not including, 1 (some must show the picture)")
 
 
 def _file_key(path: Path) -> str:
@@ -171,6 +177,7 @@ def _easy_vqa(source: DataSource, stage: str, short_answer_prompt: str) -> Recor
     by_image = collections.defaultdict(list)
     for r in records:
         by_image[r["image_id"]].append(r)
+    captions = describe(records) if source.described else {}
     rows = []
     for image_id, questions in sorted(by_image.items()):
         key = _file_key(Path(paths[image_id]))
@@ -179,10 +186,19 @@ def _easy_vqa(source: DataSource, stage: str, short_answer_prompt: str) -> Recor
             for turn, r in enumerate(questions[start: start + source.turns]):
                 messages += [_user(short_answer_question(r["question"], short_answer_prompt), turn == 0),
                              _assistant(r["answer"])]
-            rows.append((key, paths[image_id], messages))
+            rows.append((key, paths[image_id], messages, captions.get(image_id)))
     # The dataset lists each image's questions together; interleave so a prefix (data limit) spans many images.
     random.Random(0).shuffle(rows)
+    in_words = random.Random(1)
+    rows = [("", None, _in_words(messages, caption)) if caption and in_words.random() < source.described
+            else (key, path, messages) for key, path, messages, caption in rows]
     return Records(_limited(rows, source.limit), FileImages())
+
+
+def _in_words(messages: list[dict], caption: str) -> list[dict]:
+    """The conversation with its picture put in words: the caption where the image would be."""
+    first, *rest = messages
+    return [{**first, "content": first["content"].replace(IMAGE_TOKEN, caption, 1)}, *rest]
 
 
 def _llava(source: DataSource, stage: str) -> Records:
