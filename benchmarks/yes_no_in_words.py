@@ -5,8 +5,8 @@ words: SmolLM2-135M alone, trained on "A blue rectangle.\\nis there a red shape?
     python -m benchmarks.yes_no_in_words --seeds 0 --captions none  # the question alone: what the prior reaches
 
 Stage 2 as `vlm train --config offline` runs it (batch, learning rate, warm-up and cosine decay, LoRA on every
-linear layer, the empty system prompt, one question per conversation), over the preset's pre-`described` 981
-steps, in float32 and eagerly. Prints the share of 600 easy-VQA test yes/no questions answered right
+linear layer, its system prompt, one question per conversation), in float32 and eagerly, for 981 steps by default
+(the preset's stage 2 before `described`). Prints the share of 600 easy-VQA test yes/no questions answered right
 (the "yes" logit against the "no" logit after the generation prompt) at each checkpoint step: where it rises
 early, the LM can learn the check quickly once it can read the picture's colour and shape as words.
 """
@@ -28,10 +28,11 @@ from vlm.language_model import load_language_model
 CHECKPOINTS = (50, 100, 150, 200, 300, 400, 600, 800)
 
 
-def prompt(tokenizer, record: dict, caption: str | None) -> str:
+def prompt(tokenizer, system_prompt: str | None, record: dict, caption: str | None) -> str:
     text = f"{caption}\n{record['question']}" if caption else record["question"]
-    return tokenizer.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": text}],
-                                         tokenize=False, add_generation_prompt=True)
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return tokenizer.apply_chat_template([*system, {"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, float]:
@@ -50,8 +51,9 @@ def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, fl
     test = test[:600]
     yes, no = tokenizer.encode("yes")[0], tokenizer.encode("no")[0]
 
-    def caption(captions: dict, record: dict) -> str | None:
-        return captions[record["image_id"]] if with_captions else None
+    def asked(captions: dict, record: dict) -> str:
+        return prompt(tokenizer, config.model.lm.system_prompt, record,
+                      captions[record["image_id"]] if with_captions else None)
 
     @torch.no_grad()
     def yes_no_accuracy() -> float:
@@ -60,7 +62,7 @@ def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, fl
         right = 0
         for i in range(0, len(test), 100):
             records = test[i:i + 100]
-            batch = tokenizer([prompt(tokenizer, r, caption(test_captions, r)) for r in records], return_tensors="pt",
+            batch = tokenizer([asked(test_captions, r) for r in records], return_tensors="pt",
                               padding=True).to(device)
             logits = lm(**batch).logits[:, -1]
             said = torch.where(logits[:, yes] > logits[:, no], 1, 0).tolist()
@@ -76,10 +78,10 @@ def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, fl
     for step in range(steps):
         ids, labels = [], []
         for r in train[step * stage.batch_size:(step + 1) * stage.batch_size]:
-            asked = tokenizer.encode(prompt(tokenizer, r, caption(train_captions, r)))
+            question = tokenizer.encode(asked(train_captions, r))
             answer = tokenizer.encode(r["answer"] + "<|im_end|>")
-            ids.append(asked + answer)
-            labels.append([-100] * len(asked) + answer)
+            ids.append(question + answer)
+            labels.append([-100] * len(question) + answer)
         length = max(map(len, ids))
         input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (length - len(i)) for i in ids], device=device)
         target = torch.tensor([t + [-100] * (length - len(t)) for t in labels], device=device)
