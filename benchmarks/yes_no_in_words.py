@@ -4,11 +4,12 @@ words: SmolLM2-135M alone, trained on "A blue rectangle.\\nis there a red shape?
     python -m benchmarks.yes_no_in_words --seeds 0 1 2 3            # on a GPU; a CPU takes about 2 s a step
     python -m benchmarks.yes_no_in_words --seeds 0 --captions none  # the question alone: what the prior reaches
 
-Stage 2 as `vlm train --config offline` runs it (batch, learning rate, warm-up and cosine decay, LoRA on every
-linear layer, its system prompt, one question per conversation), in float32 and eagerly, for 981 steps by default
-(the preset's stage 2 before `described`). Prints the share of 600 easy-VQA test yes/no questions answered right
-(the "yes" logit against the "no" logit after the generation prompt) at each checkpoint step: where it rises
-early, the LM can learn the check quickly once it can read the picture's colour and shape as words.
+Stage 2 as `vlm train --config offline` runs it (batch, its optimizer and schedule, LoRA on every linear layer of
+the blocks the preset adapts, its system prompt, one question per conversation), in float32 and eagerly, for 981
+steps by default (the preset's stage 2 before `described`). Prints the share of 600 easy-VQA test yes/no
+questions answered right (the "yes" logit against the "no" logit after the generation prompt) at each checkpoint
+step: where it rises early, the LM can learn the check quickly once it can read the picture's colour and shape as
+words.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import random
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import get_cosine_schedule_with_warmup
 
 from benchmarks.common import describe_device, print_table
 from vlm.config import load_config
 from vlm.data.easy_vqa import describe, easy_vqa_questions
 from vlm.language_model import load_language_model
+from vlm.train.trainer import build_optimizer, lora_targets
 
 CHECKPOINTS = (50, 100, 150, 200, 300, 400, 600, 800)
 
@@ -40,8 +41,9 @@ def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, fl
     stage = config.train.instruct
     torch.manual_seed(seed)
     lm, tokenizer = load_language_model(config.model.lm)
-    lm = get_peft_model(lm, LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha, target_modules="all-linear",
-                                       task_type="CAUSAL_LM")).to(device)
+    lm = get_peft_model(lm, LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha,
+                                       target_modules=lora_targets(lm, stage.lora_layers), task_type="CAUSAL_LM"))
+    lm.to(device)
     train, test = easy_vqa_questions("train"), easy_vqa_questions("test")
     train_captions, test_captions = describe(train), describe(test)
     train = [r for r in train if r["image_id"] in train_captions]
@@ -70,9 +72,8 @@ def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, fl
         lm.train()
         return 100 * right / len(test)
 
-    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=stage.lr,
-                                  weight_decay=stage.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * steps), steps)
+    # One epoch of `steps` batches: the optimizer and schedule `vlm train` builds for them.
+    optimizer, scheduler, _ = build_optimizer([p for p in lm.parameters() if p.requires_grad], stage, steps)
     curve = {}
     lm.train()
     for step in range(steps):
