@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from vlm.config import ConfigError, DataSource
+from vlm.data import batches
 from vlm.data.batches import Collator, ConversationDataset, LengthGroupedBatchSampler, SkipCounter, TokenizedExamples
 from vlm.data.feature_cache import FeatureCache, feature_spec
 from vlm.data.sources import FileImages, Records, load_examples
@@ -221,7 +222,8 @@ def test_cached_batches_read_the_features_of_their_own_images(tiny_model, images
     torch.testing.assert_close(batch["image_features"], cache.get(["img3", "img1"]))
 
 
-def test_encoding_in_worker_processes_matches_encoding_here(tiny_model):
+def test_encoding_in_worker_processes_matches_encoding_here(tiny_model, monkeypatch):
+    monkeypatch.setattr(batches, "PARALLEL_FROM", 1)  # a pool for 40 records, which would otherwise encode here
     messages = [[{"role": "user", "content": f"<image>\nquestion {i}?"}, {"role": "assistant", "content": "a" * i}]
                 for i in range(40)]
     records = Records([(f"k{i}", None, m) for i, m in enumerate(messages)])
