@@ -24,16 +24,10 @@ from benchmarks.common import describe_device, print_table
 from vlm.config import load_config
 from vlm.data.easy_vqa import describe, easy_vqa_questions
 from vlm.language_model import load_language_model
+from vlm.processor import VLMProcessor
 from vlm.train.trainer import build_optimizer, lora_targets
 
 CHECKPOINTS = (50, 100, 150, 200, 300, 400, 600, 800)
-
-
-def prompt(tokenizer, system_prompt: str | None, record: dict, caption: str | None) -> str:
-    text = f"{caption}\n{record['question']}" if caption else record["question"]
-    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-    return tokenizer.apply_chat_template([*system, {"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, float]:
@@ -41,6 +35,9 @@ def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, fl
     stage = config.train.instruct
     torch.manual_seed(seed)
     lm, tokenizer = load_language_model(config.model.lm)
+    # Prompts and labels as `vlm train` encodes a conversation without an image.
+    processor = VLMProcessor(tokenizer, image_transform=None, num_image_tokens=0,
+                             system_prompt=config.model.lm.system_prompt)
     lm = get_peft_model(lm, LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha,
                                        target_modules=lora_targets(lm, stage.lora_layers), task_type="CAUSAL_LM"))
     lm.to(device)
@@ -53,20 +50,21 @@ def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, fl
     test = test[:600]
     yes, no = tokenizer.encode("yes")[0], tokenizer.encode("no")[0]
 
-    def asked(captions: dict, record: dict) -> str:
-        return prompt(tokenizer, config.model.lm.system_prompt, record,
-                      captions[record["image_id"]] if with_captions else None)
+    def asked(captions: dict, record: dict) -> list[dict]:
+        question = record["question"]
+        return [{"role": "user", "content": f"{captions[record['image_id']]}\n{question}" if with_captions
+                 else question}]
 
     @torch.no_grad()
     def yes_no_accuracy() -> float:
         lm.eval()
-        tokenizer.padding_side = "left"
         right = 0
         for i in range(0, len(test), 100):
             records = test[i:i + 100]
-            batch = tokenizer([asked(test_captions, r) for r in records], return_tensors="pt",
-                              padding=True).to(device)
-            logits = lm(**batch).logits[:, -1]
+            batch = processor.pad([processor.encode(asked(test_captions, r), add_generation_prompt=True)
+                                   for r in records], padding_side="left")
+            logits = lm(input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device)).logits[:, -1]
             said = torch.where(logits[:, yes] > logits[:, no], 1, 0).tolist()
             right += sum(s == (r["answer"] == "yes") for s, r in zip(said, records, strict=True))
         lm.train()
@@ -77,17 +75,10 @@ def run(seed: int, steps: int, with_captions: bool, device: str) -> dict[int, fl
     curve = {}
     lm.train()
     for step in range(steps):
-        ids, labels = [], []
-        for r in train[step * stage.batch_size:(step + 1) * stage.batch_size]:
-            question = tokenizer.encode(asked(train_captions, r))
-            answer = tokenizer.encode(r["answer"] + "<|im_end|>")
-            ids.append(question + answer)
-            labels.append([-100] * len(question) + answer)
-        length = max(map(len, ids))
-        input_ids = torch.tensor([i + [tokenizer.pad_token_id] * (length - len(i)) for i in ids], device=device)
-        target = torch.tensor([t + [-100] * (length - len(t)) for t in labels], device=device)
-        mask = (torch.arange(length)[None] < torch.tensor([len(i) for i in ids])[:, None]).long().to(device)
-        lm(input_ids=input_ids, attention_mask=mask, labels=target).loss.backward()
+        records = train[step * stage.batch_size:(step + 1) * stage.batch_size]
+        batch = processor.pad([processor.encode([*asked(train_captions, r),
+                                                 {"role": "assistant", "content": r["answer"]}]) for r in records])
+        lm(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
