@@ -217,9 +217,9 @@ class TrainConfig:
     keep_last: int = 2
     # torch.compile the tower and decoder blocks (decoder blocks as CUDA graphs) for training steps:
     # 2-4x the step rate of eager on an H100 for seconds of compiling (docs/benchmarks.md). None = on
-    # a GPU only: on 2 CPU cores compiling takes about a minute and pads rows to 64 tokens, and even compiled
-    # as a CPU would best run it the offline preset's stage 2 saved about as much as compiling cost
-    # (docs/benchmarks.md, "A 2-core Xeon with AMX").
+    # a GPU only: on 2 CPU cores compiling takes about a minute and pads rows to 64 tokens; even compiling
+    # only the decoder, with rows padded to 8, saved the offline preset's stage 2 about as much time as
+    # compiling cost (docs/benchmarks.md, "A 2-core Xeon with AMX").
     compile: bool | None = None
     # Energy estimate: device power x wall time x PUE x grid intensity.
     device_watts: float = 0.0  # 0 = a default for the device type (see train/report.py)
