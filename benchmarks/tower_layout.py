@@ -12,7 +12,6 @@ the two layouts' features (the same weights, so only rounding differs).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -40,11 +39,12 @@ def main(argv=None) -> None:
 
     dtype = getattr(torch, args.dtype)
     encoder = build_vision_encoder(config.model.vision).eval().to(args.device, dtype)
-    nchw = copy.deepcopy(encoder.tower).to(memory_format=torch.contiguous_format)
+    nchw = build_vision_encoder(config.model.vision).eval().to(args.device, dtype)
+    nchw.tower.to(memory_format=torch.contiguous_format)  # a convolution's output takes its weight's layout
     size = encoder.image_size
     pixels = torch.randn(args.batch, 3, size, size, device=args.device, dtype=dtype)
     layouts = {
-        "NCHW": lambda: nchw.extract_features(pixels).flatten(2).transpose(1, 2),
+        "NCHW": lambda: nchw(pixels),
         "NHWC (channels_last, vlm)": lambda: encoder(pixels),
     }
     seconds: dict[str, list[float]] = {name: [] for name in layouts}

@@ -111,7 +111,8 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
         raise ConfigError(f"model.vision.pretrained={weights!r}: no such weights file")
     tower.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     # oneDNN's convolutions run faster on NHWC: the offline tower's images/s was 1.49x that of NCHW on a 2-core
-    # Xeon and 1.45x with AVX2 forced, in float32, with the same features (benchmarks/tower_layout.py).
+    # Xeon and 1.45x with AVX2 forced, in float32, with the same features (benchmarks/tower_layout.py). Weights in
+    # that layout are enough: a convolution's output takes its weight's layout, whatever its input's.
     tower.to(memory_format=torch.channels_last)
     size = config.image_size or EfficientNet.get_image_size(config.name)
     # The Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128 in TF-Lite), not ImageNet mean/std.
@@ -123,7 +124,6 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
     ])
 
     def extract(x):
-        x = x.contiguous(memory_format=torch.channels_last)
         # The final 1x1 conv's map before global pooling is the CNN's "penultimate" representation.
         if not config.last_block_features:
             return tower.extract_features(x).flatten(2).transpose(1, 2)
