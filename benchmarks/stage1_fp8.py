@@ -15,26 +15,14 @@ cache. Each row's loss on the same batch shows what FP8 costs in precision.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from benchmarks import train_throughput
-from benchmarks.common import (
-    build_vlm,
-    describe_device,
-    print_table,
-    reset_memory,
-    vision_config,
-    write_lm,
-    write_vision,
-)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
-PAIR = ("vit-l14-336", "smollm2-135m")
 VARIANTS = {"bf16": (), "fp8 tower": ("tower",), "fp8 decoder": ("decoder",), "fp8 both": ("tower", "decoder")}
 
 
@@ -103,45 +91,14 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="CPU-sized configs, to check the script runs")
     options = parser.parse_args(argv)
-    args = train_throughput.build_parser().parse_args(
-        ["--stages", "1", "--steps", str(options.steps)] + (["--tiny"] if options.tiny else []))
-    device = args.device
-    print(describe_device(device), flush=True)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        vision_dir, lm_dir = write_vision(PAIR[0], Path(tmp), args.tiny), write_lm(PAIR[1], Path(tmp), args.tiny)
-        vcfg = vision_config(PAIR[0], args.tiny)
-        image_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
-        pixels = torch.randn(args.batch, 3, vcfg.image_size, vcfg.image_size, device=device)
 
-        reset_memory(device, forget_compiled=True)
-        step = train_throughput.llava_step("llava compiled", *PAIR, lm_dir, 1, pixels, image_tokens, args)
-        reference = train_throughput.measure(step, device, args)["seconds"]
-        rows.append({"system": "llava compiled", "fp8 linears": 0, "step ms": reference * 1e3,
-                     "vs llava compiled": 1.0})
-        del step
+    def change(parts):
+        return lambda model: sum(to_fp8({"tower": model.vision.tower, "decoder": model.lm.get_decoder()}[part])
+                                 for part in parts)
 
-        for variant in options.variants:
-            reset_memory(device, forget_compiled=True)
-            torch.manual_seed(0)  # the same projector in every row, so the losses compare
-            model = build_vlm(vision_dir, lm_dir, device)
-            parts = {"tower": model.vision.tower, "decoder": model.lm.get_decoder()}
-            swapped = sum(to_fp8(parts[part]) for part in VARIANTS[variant])
-            model.compile_for_training()
-            batch = train_throughput.make_batch(args.batch, image_tokens, args.text_tokens,
-                                                model.processor.image_token_id, device, model.processor)
-            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-                loss = float(model(**batch, pixel_values=pixels)["loss"])
-            features = model.image_features(pixels)
-            inputs = {"": {"pixel_values": pixels}, " + feature cache": {"image_features": features}}
-            for suffix, images in inputs.items():
-                step = train_throughput.make_step(model, lambda m=model, b=batch, i=images: m(**b, **i)["loss"], device)
-                seconds = train_throughput.measure(step, device, args)["seconds"]
-                rows.append({"system": f"vlm compiled, {variant}{suffix}", "fp8 linears": swapped,
-                             "step ms": seconds * 1e3, "vs llava compiled": reference / seconds, "loss": f"{loss:.5f}"})
-            del model, step, features
-    print()
-    print_table(rows, ["system", "fp8 linears", "step ms", "vs llava compiled", "loss"])
+    train_throughput.stage1_against_compiled_llava(
+        {variant: change(VARIANTS[variant]) for variant in options.variants}, "fp8 linears",
+        ["--steps", str(options.steps)] + (["--tiny"] if options.tiny else []))
 
 
 if __name__ == "__main__":

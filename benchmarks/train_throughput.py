@@ -181,6 +181,52 @@ def llava_step(system: str, vision_name: str, lm_name: str, lm_dir: Path, stage:
     return make_step(llava, lambda m=forward, b=batch: m(**b, pixel_values=pixels.to(torch.bfloat16)).loss, device)
 
 
+def stage1_against_compiled_llava(variants: dict, changed: str, argv: list[str]) -> list[dict]:
+    """Rows for the stage-1 diagnostics (benchmarks/stage1_*.py) on ViT-L/336 + SmolLM2-135M: compiled LLaVA, then
+    vlm compiled after each variant's change to the model (a callable returning how many parts it changed, shown in
+    column `changed`; None for vlm as it is), with and without the feature cache. Each variant starts from the same
+    seed, so its loss on the same batch shows whether the change computes the same thing."""
+    pair = ("vit-l14-336", "smollm2-135m")
+    args = build_parser().parse_args(["--stages", "1", *argv])
+    device = args.device
+    print(describe_device(device), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        vision_dir, lm_dir = write_vision(pair[0], Path(tmp), args.tiny), write_lm(pair[1], Path(tmp), args.tiny)
+        vcfg = vision_config(pair[0], args.tiny)
+        image_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
+        pixels = torch.randn(args.batch, 3, vcfg.image_size, vcfg.image_size, device=device)
+
+        reset_memory(device, forget_compiled=True)
+        step = llava_step("llava compiled", *pair, lm_dir, 1, pixels, image_tokens, args)
+        reference = measure(step, device, args)["seconds"]
+        rows.append({"system": "llava compiled", changed: 0, "step ms": reference * 1e3, "vs llava compiled": 1.0})
+        del step
+
+        for variant, change in variants.items():
+            reset_memory(device, forget_compiled=True)
+            torch.manual_seed(0)
+            model = build_vlm(vision_dir, lm_dir, device)
+            count = change(model) if change else 0
+            model.compile_for_training()
+            batch = make_batch(args.batch, image_tokens, args.text_tokens, model.processor.image_token_id, device,
+                               model.processor)
+            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                loss = float(model(**batch, pixel_values=pixels)["loss"])
+            features = model.image_features(pixels)
+            inputs = {"": {"pixel_values": pixels}, " + feature cache": {"image_features": features}}
+            for suffix, images in inputs.items():
+                step = make_step(model, lambda m=model, b=batch, i=images: m(**b, **i)["loss"], device)
+                seconds = measure(step, device, args)["seconds"]
+                rows.append({"system": f"vlm compiled, {variant}{suffix}", changed: count, "step ms": seconds * 1e3,
+                             "vs llava compiled": reference / seconds, "loss": f"{loss:.5f}"})
+                print(rows[-1], flush=True)
+            del model, step, features
+    print()
+    print_table(rows, ["system", changed, "step ms", "vs llava compiled", "loss"])
+    return rows
+
+
 def _print_attention(system: str, vision, text) -> None:
     print(f"{system}: attention {vision._attn_implementation} (vision), {text._attn_implementation} (LM)", flush=True)
 
