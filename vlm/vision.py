@@ -110,9 +110,9 @@ def _efficientnet(config: VisionConfig) -> VisionEncoder:
     if not Path(weights).is_file():
         raise ConfigError(f"model.vision.pretrained={weights!r}: no such weights file")
     tower.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    # oneDNN's convolutions run faster on NHWC: the offline tower's images/s was 1.49x that of NCHW on a 2-core
-    # Xeon and 1.45x with AVX2 forced, in float32, with the same features (benchmarks/tower_layout.py). Weights in
-    # that layout are enough: a convolution's output takes its weight's layout, whatever its input's.
+    # oneDNN's convolutions run faster on NHWC: the offline tower's images/s was 1.47x that of NCHW on a 2-core
+    # Xeon and 1.40x with AVX2 forced, in float32, with the same features (benchmarks/tower_layout.py; not yet
+    # measured on a GPU). Weights in that layout are enough: a convolution's output takes its weight's layout.
     tower.to(memory_format=torch.channels_last)
     size = config.image_size or EfficientNet.get_image_size(config.name)
     # The Lite models were trained on inputs scaled to [-1, 1] ((x - 127) / 128 in TF-Lite), not ImageNet mean/std.
