@@ -27,8 +27,6 @@ from benchmarks import train_throughput
 
 def fuse_projections(decoder: nn.Module) -> int:
     """Each block's q/k/v and gate/up linear layers as one frozen matmul each; returns the blocks changed."""
-    from transformers.models.llama import modeling_llama
-
     for block in decoder.layers:
         attention, mlp = block.self_attn, block.mlp
         attention.qkv_proj = _concatenated(attention.q_proj, attention.k_proj, attention.v_proj)
@@ -39,7 +37,6 @@ def fuse_projections(decoder: nn.Module) -> int:
         mlp.gate_up_proj = _concatenated(mlp.gate_proj, mlp.up_proj)
         del mlp.gate_proj, mlp.up_proj
         mlp.forward = _fused_mlp_forward.__get__(mlp)
-    _fused_attention_forward.modeling = modeling_llama
     return len(decoder.layers)
 
 
@@ -52,7 +49,8 @@ def _concatenated(*linears: nn.Linear) -> nn.Linear:
 
 
 def _fused_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-    modeling = _fused_attention_forward.modeling
+    from transformers.models.llama import modeling_llama as modeling
+
     for key in ("cache", "past_key_values", "past_key_value", "cache_position", "position_ids"):
         kwargs.pop(key, None)  # training: no KV cache; positions already rotated in through position_embeddings
     input_shape = hidden_states.shape[:-1]
